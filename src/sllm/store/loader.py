@@ -1,0 +1,34 @@
+"""Load a stored base model and its tokenizer onto a device, in the dtype asked for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sllm.paths import model_dir
+
+MANIFEST_NAME = "sllm_manifest.json"
+
+
+def read_manifest(storage: Path, model: str) -> dict[str, Any] | None:
+    path = model_dir(storage, model) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def load_model(storage: Path, model: str, device: str = "cpu", dtype: Any = None):
+    """Return (model, tokenizer) from `$STORAGE_PATH/transformers/<model>`; dtype defaults to the stored one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dir(storage, model)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
