@@ -42,7 +42,8 @@ class Reporter(Protocol):
     """How a running backend talks back to the job system (durably, from the worker process)."""
 
     def progress(self, **fields: Any) -> None:
-        """step, total_steps, epoch, loss, learning_rate, trained_tokens, tokens_per_second, eta_seconds."""
+        """Fields: step, total_steps, epoch, loss, learning_rate, trained_tokens,
+        tokens_per_second, eta_seconds."""
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None: ...
 
@@ -51,7 +52,7 @@ class Backend(Protocol):
     name: str
 
     def validate(self, backend_config: dict[str, Any], ctx: ValidationContext) -> dict[str, Any]:
-        """Raise `InvalidRequestError` for anything the run would reject; return the normalised config."""
+        """Raise `InvalidRequestError` for what a run would reject; return the normalised config."""
 
     def run(self, spec: JobSpec, reporter: Reporter) -> TrainResult: ...
 

@@ -19,7 +19,7 @@ def read_manifest(storage: Path, model: str) -> dict[str, Any] | None:
 
 
 def load_model(storage: Path, model: str, device: str = "cpu", dtype: Any = None):
-    """Return (model, tokenizer) from `$STORAGE_PATH/transformers/<model>`; dtype defaults to the stored one."""
+    """(model, tokenizer) from `$STORAGE_PATH/transformers/<model>`; dtype defaults to stored."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,68 @@
+"""The one place where service errors and request-parsing errors become HTTP responses.
+
+Bodies follow OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sllm.errors import OverloadedError, SllmError
+
+log = logging.getLogger(__name__)
+
+
+def error_body(message: str, type_: str, param: str | None, code: int) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0] if exc.errors() else {}
+    if err.get("type") == "json_invalid":
+        return f"Malformed JSON body: {err.get('ctx', {}).get('error', 'cannot parse')}.", None
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
+    param = ".".join(loc) or None
+    msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+    if err.get("type") == "missing" and not loc:
+        return "A JSON object body is required.", None
+    return (f"`{param}`: {msg}." if param else f"{msg}."), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SllmError)
+    async def _sllm_error(_: Request, exc: SllmError) -> JSONResponse:
+        headers = {}
+        if isinstance(exc, OverloadedError):
+            headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
+        return JSONResponse(
+            error_body(exc.message, exc.error_type, exc.param, exc.status_code),
+            status_code=exc.status_code,
+            headers=headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param, 400), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), type_, None, exc.status_code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(
+            error_body(f"Internal server error: {type(exc).__name__}", "internal_error", None, 500),
+            status_code=500,
+        )

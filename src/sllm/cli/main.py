@@ -1,0 +1,27 @@
+"""`sllm`: start the server; deploy, delete and inspect models on it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sllm.cli import start as start_cmd
+
+COMMANDS = {"start": start_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

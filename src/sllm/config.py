@@ -1,0 +1,39 @@
+"""Server settings: one object built by the CLI (or a test) and handed to `create_app`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from sllm.paths import storage_path
+
+
+class Settings(BaseModel):
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless asked otherwise.")
+    port: int = Field(8343, description="HTTP port of the API server.")
+    storage_path: Path = Field(default_factory=lambda: storage_path())
+    num_cpus: int | None = Field(None, description="CPU cores to hand out; default: all cores.")
+    num_gpus: int | None = Field(None, description="GPUs to hand out; default: all visible.")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Where local datasets may be read from; default: storage path and cwd.",
+    )
+    starvation_s: float = Field(600.0, description="Wait after which a job reserves resources.")
+    kill_grace_s: float = Field(5.0, description="SIGTERM-to-SIGKILL grace when stopping a job.")
+    max_restarts: int = Field(1, description="Re-queues of a running job after a server crash.")
+    ray_address: str | None = Field(None, description="Run work on this Ray cluster.")
+
+    def resolved_data_roots(self) -> list[Path]:
+        roots = self.data_roots or [self.storage_path, Path(os.getcwd())]
+        return [Path(r).expanduser().resolve() for r in roots]
+
+    def cpu_capacity(self) -> int:
+        return self.num_cpus if self.num_cpus is not None else (os.cpu_count() or 1)
+
+    def gpu_ids(self) -> list[int]:
+        """All visible CUDA devices, or ids 0..N-1 when `--num-gpus N` declares them."""
+        from sllm.jobs.resources import detect_gpu_ids
+
+        return detect_gpu_ids() if self.num_gpus is None else list(range(self.num_gpus))

@@ -1,0 +1,355 @@
+"""Durable job records in SQLite (WAL), shared by the server and the job workers.
+
+The server's supervisor is the only writer of a job's `status` (`transition`, a compare-and-set);
+workers write progress, events and their result or error beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sllm.jobs.states import TRANSITIONS, JobStatus, sources_of
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    ft_backend TEXT NOT NULL,
+    num_cpus INTEGER NOT NULL,
+    num_gpus INTEGER NOT NULL,
+    timeout REAL NOT NULL,
+    config_json TEXT NOT NULL,
+    backend_config_json TEXT NOT NULL,
+    created_time TEXT NOT NULL,
+    updated_time TEXT NOT NULL,
+    started_time TEXT,
+    finished_time TEXT,
+    error_message TEXT,
+    error_kind TEXT,
+    progress_json TEXT,
+    adapter_path TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker_pid INTEGER,
+    worker_host TEXT,
+    resources_json TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, priority, seq);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    created_time TEXT NOT NULL,
+    level TEXT NOT NULL,
+    type TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data_json TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
+"""
+
+
+def now_iso() -> str:
+    """UTC timestamps in the seed's format (`2025-08-26T04:18:11.155785`)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None).isoformat()
+
+
+@dataclass
+class JobRecord:
+    seq: int
+    id: str
+    status: JobStatus
+    priority: int
+    model: str
+    ft_backend: str
+    num_cpus: int
+    num_gpus: int
+    timeout: float
+    config: dict[str, Any]
+    backend_config: dict[str, Any]
+    created_time: str
+    updated_time: str
+    started_time: str | None
+    finished_time: str | None
+    error_message: str | None
+    error_kind: str | None
+    progress: dict[str, Any] | None
+    adapter_path: str | None
+    attempts: int
+    worker_pid: int | None
+    worker_host: str | None
+    resources: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        d = dict(row)
+        return cls(
+            seq=d["seq"],
+            id=d["id"],
+            status=JobStatus(d["status"]),
+            priority=d["priority"],
+            model=d["model"],
+            ft_backend=d["ft_backend"],
+            num_cpus=d["num_cpus"],
+            num_gpus=d["num_gpus"],
+            timeout=d["timeout"],
+            config=json.loads(d["config_json"]),
+            backend_config=json.loads(d["backend_config_json"]),
+            created_time=d["created_time"],
+            updated_time=d["updated_time"],
+            started_time=d["started_time"],
+            finished_time=d["finished_time"],
+            error_message=d["error_message"],
+            error_kind=d["error_kind"],
+            progress=json.loads(d["progress_json"]) if d["progress_json"] else None,
+            adapter_path=d["adapter_path"],
+            attempts=d["attempts"],
+            worker_pid=d["worker_pid"],
+            worker_host=d["worker_host"],
+            resources=json.loads(d["resources_json"]) if d["resources_json"] else None,
+        )
+
+
+class JobStore:
+    """A small DAO over one SQLite file; safe to share between threads of one process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=30
+        )
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _exec(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, params)
+
+    # --- creation and reads -------------------------------------------------------------
+    def create(
+        self,
+        *,
+        model: str,
+        ft_backend: str,
+        num_cpus: int,
+        num_gpus: int,
+        timeout: float,
+        priority: int,
+        config: dict[str, Any],
+        backend_config: dict[str, Any],
+    ) -> JobRecord:
+        job_id = f"job-{uuid.uuid4().hex[:16]}"
+        ts = now_iso()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    "INSERT INTO jobs (id, status, priority, model, ft_backend, num_cpus, "
+                    "num_gpus, timeout, config_json, backend_config_json, created_time, "
+                    "updated_time) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job_id,
+                        JobStatus.PENDING.value,
+                        priority,
+                        model,
+                        ft_backend,
+                        num_cpus,
+                        num_gpus,
+                        timeout,
+                        json.dumps(config),
+                        json.dumps(backend_config),
+                        ts,
+                        ts,
+                    ),
+                )
+                self._insert_event(job_id, "info", "status", "Job created, pending.", None, ts)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        record = self.get(job_id)
+        assert record is not None
+        return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        row = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRecord.from_row(row) if row else None
+
+    def list(
+        self,
+        *,
+        limit: int = 20,
+        after: str | None = None,
+        status: JobStatus | None = None,
+    ) -> tuple[list[JobRecord], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        where, params = [], []
+        if after is not None:
+            where.append("seq < (SELECT seq FROM jobs WHERE id = ?)")
+            params.append(after)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        sql = "SELECT * FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        rows = self._exec(sql, (*params, limit + 1)).fetchall()
+        return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def pending_in_order(self) -> list[JobRecord]:
+        """Pending jobs, highest priority first, then oldest first."""
+        rows = self._exec(
+            "SELECT * FROM jobs WHERE status = ? ORDER BY priority DESC, seq ASC",
+            (JobStatus.PENDING.value,),
+        ).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def with_status(self, status: JobStatus) -> list[JobRecord]:
+        rows = self._exec(
+            "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status.value,)
+        ).fetchall()
+        return [JobRecord.from_row(r) for r in rows]
+
+    def statuses(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        rows = self._exec(f"SELECT id, status FROM jobs WHERE id IN ({marks})", tuple(job_ids))
+        return {r["id"]: JobStatus(r["status"]) for r in rows.fetchall()}
+
+    def exists(self, job_id: str) -> bool:
+        return self._exec("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    # --- the only writer of status ------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        message: str,
+        error_kind: str | None = None,
+        error_message: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Compare-and-set `status` to `to` if the table allows it from the current state.
+
+        Returns False (and changes nothing) when another writer got there first.
+        """
+        allowed = sources_of(to)
+        assert all(to in TRANSITIONS[s] for s in allowed)
+        ts = now_iso()
+        sets = {"status": to.value, "updated_time": ts, **fields}
+        if to is JobStatus.RUNNING:
+            sets.update(started_time=ts, finished_time=None, adapter_path=None)
+            sets.update(error_message=None, error_kind=None, progress_json=None)
+        if to in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
+            sets["finished_time"] = ts
+        if error_kind is not None:
+            sets["error_kind"] = error_kind
+            sets["error_message"] = error_message or message
+        assignments = ", ".join(f"{k} = ?" for k in sets)
+        marks = ",".join("?" * len(allowed))
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
+                    (*sets.values(), job_id, *(s.value for s in allowed)),
+                )
+                changed = cur.rowcount == 1
+                if changed:
+                    level = "error" if to is JobStatus.FAILED else "info"
+                    data = {"status": to.value}
+                    if error_kind:
+                        data["error_kind"] = error_kind
+                    self._insert_event(job_id, level, "status", message, data, ts)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return changed
+
+    # --- what workers write -------------------------------------------------------------
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        self._exec(
+            "UPDATE jobs SET progress_json = ?, updated_time = ? WHERE id = ?",
+            (json.dumps(progress), now_iso(), job_id),
+        )
+
+    def set_result(self, job_id: str, adapter_path: str) -> None:
+        self._exec(
+            "UPDATE jobs SET adapter_path = ?, updated_time = ? WHERE id = ?",
+            (adapter_path, now_iso(), job_id),
+        )
+
+    def set_error(self, job_id: str, message: str, kind: str) -> None:
+        """Record why a worker is about to fail; the supervisor then moves the status."""
+        self._exec(
+            "UPDATE jobs SET error_message = ?, error_kind = ?, updated_time = ? WHERE id = ?",
+            (message, kind, now_iso(), job_id),
+        )
+
+    def set_worker(self, job_id: str, pid: int | None, host: str | None) -> None:
+        self._exec(
+            "UPDATE jobs SET worker_pid = ?, worker_host = ? WHERE id = ?", (pid, host, job_id)
+        )
+
+    def add_event(
+        self,
+        job_id: str,
+        type_: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+        level: str = "info",
+    ) -> None:
+        with self._lock:
+            self._insert_event(job_id, level, type_, message, data, now_iso())
+
+    def _insert_event(
+        self, job_id: str, level: str, type_: str, message: str, data: Any, ts: str
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO events (job_id, created_time, level, type, message, data_json) "
+            "VALUES (?,?,?,?,?,?)",
+            (job_id, ts, level, type_, message, json.dumps(data) if data is not None else None),
+        )
+
+    def events(
+        self, job_id: str, *, limit: int = 100, after: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Oldest first (a job's log reads top-down); `after` is the last event id seen."""
+        rows = self._exec(
+            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (job_id, after or 0, limit + 1),
+        ).fetchall()
+        out = [
+            {
+                "id": r["seq"],
+                "created_time": r["created_time"],
+                "level": r["level"],
+                "type": r["type"],
+                "message": r["message"],
+                "data": json.loads(r["data_json"]) if r["data_json"] else None,
+            }
+            for r in rows[:limit]
+        ]
+        return out, len(rows) > limit

@@ -1,0 +1,88 @@
+"""Wire models of the fine-tuning API: what clients send and what they get back."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from sllm.jobs.states import JobStatus
+
+DEFAULT_TIMEOUT_S = 3600
+
+
+class FineTuningJobRequest(BaseModel):
+    """The seed's `fine_tuning_config.json`, plus an optional `priority`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="Base model, as saved by `sllm-store save`.")
+    ft_backend: str = Field("peft_lora", description="Fine-tuning backend; `peft_lora` today.")
+    num_gpus: StrictInt = Field(0, ge=0, description="GPUs the job holds while it runs.")
+    num_cpus: StrictInt = Field(1, ge=1, description="CPU cores the job holds while it runs.")
+    timeout: StrictInt | StrictFloat = Field(
+        DEFAULT_TIMEOUT_S, gt=0, description="Seconds from start after which the job is stopped."
+    )
+    priority: StrictInt = Field(0, description="Higher runs first; equal priorities run FIFO.")
+    backend_config: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobError(BaseModel):
+    message: str
+    kind: str
+
+
+class JobProgress(BaseModel):
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    trained_tokens: int | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobStatusBody(BaseModel):
+    config: dict[str, Any]
+    status: JobStatus
+    created_time: str
+    updated_time: str
+    priority: int
+    started_time: str | None = None
+    finished_time: str | None = None
+    error: JobError | None = None
+    progress: JobProgress | None = None
+    adapter_path: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    status: JobStatusBody
+
+
+class SubmitResponse(BaseModel):
+    job_id: str
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class JobEvent(BaseModel):
+    id: int
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_time: str
+    level: Literal["info", "warning", "error"]
+    type: str
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class JobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool

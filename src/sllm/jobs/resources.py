@@ -1,0 +1,86 @@
+"""CPU and GPU capacity, shared by fine-tuning jobs and inference instances.
+
+Each holder (a job, an instance) gets a count of CPU cores and a set of GPU ids; nobody is given a
+device another holder has.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Allocation:
+    owner: str
+    cpus: int
+    gpu_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict:
+        return {"cpus": self.cpus, "gpu_ids": list(self.gpu_ids)}
+
+
+def detect_gpu_ids() -> list[int]:
+    """Visible CUDA devices, without importing torch (nvidia-smi or CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [i for i, part in enumerate(visible.split(",")) if part.strip() not in ("", "-1")]
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
+
+
+class ResourcePool:
+    def __init__(self, num_cpus: int, gpu_ids: list[int]) -> None:
+        self.total_cpus = num_cpus
+        self.gpu_ids = list(gpu_ids)
+        self._lock = threading.Lock()
+        self._held: dict[str, Allocation] = {}
+
+    @property
+    def total_gpus(self) -> int:
+        return len(self.gpu_ids)
+
+    def free(self) -> tuple[int, list[int]]:
+        with self._lock:
+            return self._free_locked()
+
+    def _free_locked(self) -> tuple[int, list[int]]:
+        used_cpus = sum(a.cpus for a in self._held.values())
+        used_gpus = {g for a in self._held.values() for g in a.gpu_ids}
+        return self.total_cpus - used_cpus, [g for g in self.gpu_ids if g not in used_gpus]
+
+    def fits_ever(self, cpus: int, gpus: int) -> bool:
+        return cpus <= self.total_cpus and gpus <= self.total_gpus
+
+    def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
+        with self._lock:
+            if owner in self._held:
+                return self._held[owner]
+            free_cpus, free_gpus = self._free_locked()
+            if cpus > free_cpus or gpus > len(free_gpus):
+                return None
+            alloc = Allocation(owner, cpus, tuple(free_gpus[:gpus]))
+            self._held[owner] = alloc
+            return alloc
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._held.pop(owner, None)
+
+    def held(self) -> dict[str, Allocation]:
+        with self._lock:
+            return dict(self._held)

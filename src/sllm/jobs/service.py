@@ -1,0 +1,161 @@
+"""The fine-tuning job service: plain Python that the HTTP layer (and tests) call directly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from sllm.config import Settings
+from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
+from sllm.finetune.base import ValidationContext, get_backend
+from sllm.jobs.db import JobRecord, JobStore
+from sllm.jobs.models import (
+    FineTuningJob,
+    FineTuningJobRequest,
+    JobError,
+    JobEvent,
+    JobEventList,
+    JobList,
+    JobProgress,
+    JobStatusBody,
+)
+from sllm.jobs.resources import ResourcePool
+from sllm.jobs.states import TERMINAL, JobStatus
+from sllm.jobs.supervisor import Supervisor
+
+
+def validation_message(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
+    """One readable sentence (and the field path) from pydantic's first error."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    return (f"`{param}`: {msg}." if param else f"{msg}."), param
+
+
+def to_wire(rec: JobRecord) -> FineTuningJob:
+    error = (
+        JobError(message=rec.error_message, kind=rec.error_kind or "error")
+        if rec.error_message and rec.status is JobStatus.FAILED
+        else None
+    )
+    return FineTuningJob(
+        id=rec.id,
+        status=JobStatusBody(
+            config=rec.config,
+            status=rec.status,
+            created_time=rec.created_time,
+            updated_time=rec.updated_time,
+            priority=rec.priority,
+            started_time=rec.started_time,
+            finished_time=rec.finished_time,
+            error=error,
+            progress=JobProgress(**rec.progress) if rec.progress else None,
+            adapter_path=rec.adapter_path,
+        ),
+    )
+
+
+class JobService:
+    def __init__(
+        self, settings: Settings, store: JobStore, pool: ResourcePool, supervisor: Supervisor
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.supervisor = supervisor
+
+    def submit(self, payload: dict[str, Any] | FineTuningJobRequest) -> str:
+        """Validate everything a run would reject, then record the job as pending."""
+        if isinstance(payload, FineTuningJobRequest):
+            req = payload
+        else:
+            try:
+                req = FineTuningJobRequest.model_validate(payload)
+            except ValidationError as exc:
+                message, param = validation_message(exc)
+                raise InvalidRequestError(message, param=param) from None
+        from sllm.store import has_model
+
+        if not has_model(self.settings.storage_path, req.model):
+            raise InvalidRequestError(
+                f"Model {req.model!r} is not in the store at {self.settings.storage_path}; save "
+                f"it first: sllm-store save --model {req.model} --backend transformers",
+                param="model",
+            )
+        if not self.pool.fits_ever(req.num_cpus, req.num_gpus):
+            raise InvalidRequestError(
+                f"The job asks for {req.num_cpus} CPUs and {req.num_gpus} GPUs, but the whole "
+                f"server has {self.pool.total_cpus} CPUs and {self.pool.total_gpus} GPUs.",
+                param="num_gpus" if req.num_gpus > self.pool.total_gpus else "num_cpus",
+            )
+        backend = get_backend(req.ft_backend)
+        ctx = ValidationContext(
+            storage_path=self.settings.storage_path,
+            data_roots=self.settings.resolved_data_roots(),
+            model=req.model,
+        )
+        normalised = backend.validate(dict(req.backend_config), ctx)
+        config = req.model_dump(exclude={"priority"})
+        rec = self.store.create(
+            model=req.model,
+            ft_backend=req.ft_backend,
+            num_cpus=req.num_cpus,
+            num_gpus=req.num_gpus,
+            timeout=float(req.timeout),
+            priority=req.priority,
+            config=config,
+            backend_config=normalised,
+        )
+        self.supervisor.wake()
+        return rec.id
+
+    def _get(self, job_id: str) -> JobRecord:
+        rec = self.store.get(job_id)
+        if rec is None:
+            raise NotFoundError(f"No fine-tuning job with id {job_id!r}.", param="job_id")
+        return rec
+
+    def get(self, job_id: str) -> FineTuningJob:
+        return to_wire(self._get(job_id))
+
+    def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> JobList:
+        if not 1 <= limit <= 1000:
+            raise InvalidRequestError("`limit` must be between 1 and 1000.", param="limit")
+        try:
+            wanted = JobStatus(status) if status else None
+        except ValueError:
+            allowed = ", ".join(s.value for s in JobStatus)
+            raise InvalidRequestError(
+                f"Unknown status {status!r}; use one of {allowed}.", param="status"
+            ) from None
+        if after is not None and not self.store.exists(after):
+            raise InvalidRequestError(f"`after`: no job with id {after!r}.", param="after")
+        records, more = self.store.list(limit=limit, after=after, status=wanted)
+        return JobList(data=[to_wire(r) for r in records], has_more=more)
+
+    def events(self, job_id: str, limit: int = 100, after: int | None = None) -> JobEventList:
+        self._get(job_id)
+        if not 1 <= limit <= 10000:
+            raise InvalidRequestError("`limit` must be between 1 and 10000.", param="limit")
+        rows, more = self.store.events(job_id, limit=limit, after=after)
+        return JobEventList(data=[JobEvent(**r) for r in rows], has_more=more)
+
+    def cancel(self, job_id: str) -> FineTuningJob:
+        """Pending jobs end at once; running ones are marked and their worker group killed."""
+        rec = self._get(job_id)
+        if rec.status is JobStatus.CANCELLED:
+            return to_wire(rec)
+        if rec.status in TERMINAL:
+            raise ConflictError(
+                f"Job {job_id} already {rec.status.value}; only pending or running jobs can be "
+                "cancelled.",
+                param="job_id",
+            )
+        if not self.store.transition(job_id, JobStatus.CANCELLED, message="Cancelled by user."):
+            return self.cancel(job_id)  # it moved under us: answer for its new state
+        self.supervisor.wake()
+        return to_wire(self._get(job_id))

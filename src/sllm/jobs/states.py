@@ -1,0 +1,50 @@
+"""Job states, the transitions allowed between them, and the terminal set: the one table of truth.
+
+pending ──► running ──► completed
+   │          │  └────► failed      (error, crash, timeout)
+   │          ├───────► cancelled
+   │          └───────► pending     (re-queued once after a server restart)
+   ├──► cancelled
+   └──► failed                      (could never run, e.g. its model vanished)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING}
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def sources_of(target: JobStatus) -> list[JobStatus]:
+    """The states from which `target` may be entered."""
+    return [s for s, targets in TRANSITIONS.items() if target in targets]
+
+
+class ErrorKind(str, Enum):
+    TIMEOUT = "timeout"
+    WORKER_ERROR = "worker_error"
+    WORKER_CRASHED = "worker_crashed"
+    SERVER_RESTART = "server_restart"
+    NODE_LOST = "node_lost"
+    UNSCHEDULABLE = "unschedulable"

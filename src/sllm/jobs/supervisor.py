@@ -1,0 +1,246 @@
+"""The supervisor: one thread that starts, watches and stops job workers.
+
+It wakes on events (a submit, a cancel, a worker exit) rather than on a timer, plus at the next
+deadline, so a job submitted to an idle server starts in milliseconds. Each pass:
+
+1. reap workers that exited (completed / failed with the worker's reason or its last log lines);
+2. stop workers whose job was cancelled or ran past its timeout (SIGTERM, then SIGKILL);
+3. start pending jobs in order (priority, then age) while they fit; a job that does not fit is
+   skipped (backfill) unless it has waited longer than `starvation_s`, in which case nothing
+   behind it starts until it has run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from sllm.jobs.db import JobRecord, JobStore
+from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
+from sllm.jobs.resources import ResourcePool
+from sllm.jobs.states import ErrorKind, JobStatus
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 1.0
+
+
+@dataclass
+class Running:
+    job_id: str
+    handle: WorkerHandle
+    deadline: float
+    timeout: float
+    stop_reason: str | None = None  # "cancel" | "timeout"
+    term_sent_at: float | None = None
+    kill_sent: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _age_seconds(created_time: str) -> float:
+    created = datetime.fromisoformat(created_time)
+    return (datetime.now(timezone.utc).replace(tzinfo=None) - created).total_seconds()
+
+
+class Supervisor:
+    def __init__(
+        self,
+        store: JobStore,
+        launcher: Launcher,
+        pool: ResourcePool,
+        *,
+        starvation_s: float = 600.0,
+        kill_grace_s: float = 5.0,
+        max_restarts: int = 1,
+    ) -> None:
+        self.store = store
+        self.launcher = launcher
+        self.pool = pool
+        self.starvation_s = starvation_s
+        self.kill_grace_s = kill_grace_s
+        self.max_restarts = max_restarts
+        self._running: dict[str, Running] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="sllm-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, kill_workers: bool = True) -> None:
+        """Stop the loop; running workers are killed (they are re-queued on the next start)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        if kill_workers:
+            with self._lock:
+                for run in self._running.values():
+                    run.handle.kill()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive any one bad pass
+                log.exception("supervisor pass failed")
+            self._wake.wait(timeout=self._next_wait())
+
+    def _next_wait(self) -> float:
+        now = time.monotonic()
+        waits = [MAX_WAIT_S]
+        with self._lock:
+            for run in self._running.values():
+                waits.append(run.deadline - now)
+                if run.term_sent_at is not None:
+                    waits.append(run.term_sent_at + self.kill_grace_s - now)
+        return max(0.01, min(waits))
+
+    # --- recovery after a restart -------------------------------------------------------
+    def recover(self) -> None:
+        """Jobs that were running when the last server died: kill leftovers, re-queue once."""
+        for rec in self.store.with_status(JobStatus.RUNNING):
+            if kill_stale_worker(rec.worker_pid, rec.id):
+                log.warning("killed leftover worker %s of %s", rec.worker_pid, rec.id)
+            if rec.attempts <= self.max_restarts:
+                self.store.transition(
+                    rec.id,
+                    JobStatus.PENDING,
+                    message="Server restarted while the job ran; re-queued.",
+                    worker_pid=None,
+                    progress_json=None,
+                )
+            else:
+                self.store.transition(
+                    rec.id,
+                    JobStatus.FAILED,
+                    message="Server restarted while the job ran, and it was already re-queued "
+                    f"{rec.attempts - 1} time(s); giving up.",
+                    error_kind=ErrorKind.SERVER_RESTART.value,
+                )
+
+    # --- one pass -----------------------------------------------------------------------
+    def tick(self) -> None:
+        with self._lock:
+            self._reap()
+            self._enforce_stops()
+            self._schedule()
+
+    def _reap(self) -> None:
+        for job_id, run in list(self._running.items()):
+            rc = run.handle.poll()
+            if rc is None:
+                continue
+            del self._running[job_id]
+            self.pool.release(job_id)
+            self._finish(run, rc)
+
+    def _finish(self, run: Running, rc: int) -> None:
+        rec = self.store.get(run.job_id)
+        if rec is None or rec.status is not JobStatus.RUNNING:
+            return  # cancelled or timed out: the status was already written
+        if rc == 0 and rec.adapter_path:
+            self.store.transition(run.job_id, JobStatus.COMPLETED, message="Job completed.")
+            return
+        if rec.error_message and rec.error_kind == ErrorKind.WORKER_ERROR.value:
+            kind, message = rec.error_kind, rec.error_message
+        else:
+            kind = ErrorKind.WORKER_CRASHED.value
+            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+            message = f"The worker {how}."
+        last = run.handle.log_tail(20)
+        if last:
+            message = f"{message}\n--- last worker log lines ---\n{last}"
+        self.store.transition(
+            run.job_id, JobStatus.FAILED, message=message, error_kind=kind, error_message=message
+        )
+
+    def _enforce_stops(self) -> None:
+        now = time.monotonic()
+        ids = list(self._running)
+        statuses = self.store.statuses(ids)
+        for job_id in ids:
+            run = self._running[job_id]
+            if run.stop_reason is None:
+                if statuses.get(job_id) is JobStatus.CANCELLED:
+                    run.stop_reason = "cancel"
+                elif now >= run.deadline:
+                    run.stop_reason = "timeout"
+                    self.store.transition(
+                        job_id,
+                        JobStatus.FAILED,
+                        message=f"Job exceeded its timeout of {run.timeout:g} s and was stopped.",
+                        error_kind=ErrorKind.TIMEOUT.value,
+                    )
+            if run.stop_reason is None:
+                continue
+            if run.term_sent_at is None:
+                run.handle.terminate()
+                run.term_sent_at = now
+            elif not run.kill_sent and now - run.term_sent_at >= self.kill_grace_s:
+                run.handle.kill()
+                run.kill_sent = True
+
+    def _schedule(self) -> None:
+        for rec in self.store.pending_in_order():
+            if not self.pool.fits_ever(rec.num_cpus, rec.num_gpus):
+                self.store.transition(
+                    rec.id,
+                    JobStatus.FAILED,
+                    message=f"Job needs {rec.num_cpus} CPUs and {rec.num_gpus} GPUs, more than the "
+                    f"capacity ({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs).",
+                    error_kind=ErrorKind.UNSCHEDULABLE.value,
+                )
+                continue
+            alloc = self.pool.try_acquire(rec.id, rec.num_cpus, rec.num_gpus)
+            if alloc is None:
+                if _age_seconds(rec.created_time) >= self.starvation_s:
+                    return  # reserve: nothing behind a starving job may take its resources
+                continue
+            if not self._launch(rec, alloc):
+                self.pool.release(rec.id)
+
+    def _launch(self, rec: JobRecord, alloc) -> bool:
+        if not self.store.transition(
+            rec.id,
+            JobStatus.RUNNING,
+            message=f"Job started with {alloc.cpus} CPUs and GPUs {list(alloc.gpu_ids)}.",
+            attempts=rec.attempts + 1,
+            resources_json=json.dumps(alloc.as_dict()),
+        ):
+            return False
+        try:
+            handle = self.launcher.launch(rec.id, alloc, on_exit=self.wake)
+        except Exception as exc:
+            log.exception("could not launch %s", rec.id)
+            self.store.transition(
+                rec.id,
+                JobStatus.FAILED,
+                message=f"Could not start the worker: {exc}",
+                error_kind=ErrorKind.WORKER_CRASHED.value,
+            )
+            return False
+        self.store.set_worker(rec.id, handle.pid, handle.host)
+        self._running[rec.id] = Running(
+            job_id=rec.id,
+            handle=handle,
+            deadline=time.monotonic() + rec.timeout,
+            timeout=rec.timeout,
+        )
+        return True

@@ -1,0 +1,49 @@
+"""Builds and owns the plain-Python services one server runs; the HTTP app only borrows them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllm.config import Settings
+from sllm.jobs.db import JobStore
+from sllm.jobs.launcher import LocalLauncher
+from sllm.jobs.resources import ResourcePool
+from sllm.jobs.service import JobService
+from sllm.jobs.supervisor import Supervisor
+from sllm.paths import db_path, jobs_dir
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    pool: ResourcePool
+    supervisor: Supervisor
+    jobs: JobService
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        storage = settings.storage_path
+        (storage / "transformers").mkdir(parents=True, exist_ok=True)
+        store = JobStore(db_path(storage))
+        pool = ResourcePool(settings.cpu_capacity(), settings.gpu_ids())
+        launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
+        supervisor = Supervisor(
+            store,
+            launcher,
+            pool,
+            starvation_s=settings.starvation_s,
+            kill_grace_s=settings.kill_grace_s,
+            max_restarts=settings.max_restarts,
+        )
+        jobs = JobService(settings, store, pool, supervisor)
+        return cls(settings, store, pool, supervisor, jobs)
+
+    def start(self) -> None:
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+        self.store.close()

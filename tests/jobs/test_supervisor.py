@@ -1,0 +1,236 @@
+"""Scheduling rules of the supervisor, driven pass by pass with a fake launcher.
+
+The real worker processes are exercised end to end in tests/api; here only the decisions
+(order, backfill, starvation, deadlines, reaping) are checked, deterministically.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sllm.jobs.db import JobStore
+from sllm.jobs.resources import ResourcePool
+from sllm.jobs.states import JobStatus
+from sllm.jobs.supervisor import Supervisor
+
+
+class FakeHandle:
+    def __init__(self) -> None:
+        self.pid = None
+        self.host = "fake"
+        self.rc: int | None = None
+        self.signals: list[str] = []
+
+    def poll(self) -> int | None:
+        return self.rc
+
+    def terminate(self) -> None:
+        self.signals.append("TERM")
+
+    def kill(self) -> None:
+        self.signals.append("KILL")
+        self.rc = -9
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "Traceback: boom"
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.handles: dict[str, FakeHandle] = {}
+        self.order: list[str] = []
+
+    def launch(self, job_id, alloc, on_exit):
+        handle = FakeHandle()
+        self.handles[job_id] = handle
+        self.order.append(job_id)
+        return handle
+
+
+@pytest.fixture
+def env(tmp_path):
+    store = JobStore(tmp_path / "sllm.db")
+    launcher = FakeLauncher()
+
+    def make(cpus=1, gpus=0, **kw):
+        pool = ResourcePool(cpus, list(range(gpus)))
+        sup = Supervisor(store, launcher, pool, kill_grace_s=0.0, **kw)
+        return sup
+
+    yield store, launcher, make
+    store.close()
+
+
+def add(store, priority=0, cpus=1, gpus=0, timeout=3600.0):
+    return store.create(
+        model="m",
+        ft_backend="peft_lora",
+        num_cpus=cpus,
+        num_gpus=gpus,
+        timeout=timeout,
+        priority=priority,
+        config={},
+        backend_config={},
+    ).id
+
+
+def complete(store, launcher, job_id):
+    store.set_result(job_id, "/adapter")
+    launcher.handles[job_id].rc = 0
+
+
+def test_priority_then_fifo(env):
+    store, launcher, make = env
+    sup = make(cpus=1)
+    a, b, c, d = add(store, 0), add(store, 5), add(store, 0), add(store, 5)
+    for _ in range(4):
+        sup.tick()
+        running = sup.running_ids()
+        assert len(running) == 1
+        complete(store, launcher, running[0])
+    sup.tick()
+    assert launcher.order == [b, d, a, c]
+    assert all(store.get(j).status is JobStatus.COMPLETED for j in (a, b, c, d))
+
+
+def test_jobs_run_concurrently_within_capacity(env):
+    store, launcher, make = env
+    sup = make(cpus=4, gpus=2)
+    ids = [add(store, cpus=1, gpus=1), add(store, cpus=2, gpus=1), add(store, cpus=1, gpus=1)]
+    sup.tick()
+    assert sorted(sup.running_ids()) == sorted(ids[:2])
+    gpus = [store.get(j).resources["gpu_ids"] for j in ids[:2]]
+    assert sorted(g for gs in gpus for g in gs) == [0, 1]  # no GPU handed out twice
+    assert store.get(ids[2]).status is JobStatus.PENDING
+    complete(store, launcher, ids[0])
+    sup.tick()
+    assert ids[2] in sup.running_ids()
+
+
+def test_small_job_backfills_past_one_that_does_not_fit(env):
+    store, launcher, make = env
+    sup = make(cpus=4, starvation_s=3600)
+    first = add(store, cpus=3)
+    sup.tick()
+    big, small = add(store, priority=9, cpus=4), add(store, cpus=1)
+    sup.tick()
+    assert sorted(sup.running_ids()) == sorted([first, small])
+    assert store.get(big).status is JobStatus.PENDING
+
+
+def test_starving_job_reserves_resources(env):
+    store, launcher, make = env
+    sup = make(cpus=4, starvation_s=0.0)
+    first = add(store, cpus=3)
+    sup.tick()
+    big, small = add(store, priority=9, cpus=4), add(store, cpus=1)
+    sup.tick()
+    assert sup.running_ids() == [first]
+    complete(store, launcher, first)
+    sup.tick()
+    assert sup.running_ids() == [big]
+    assert store.get(small).status is JobStatus.PENDING
+
+
+def test_timeout_stops_worker_and_fails_job(env):
+    store, launcher, make = env
+    sup = make(cpus=1)
+    job = add(store, timeout=0.05)
+    waiting = add(store)
+    sup.tick()
+    time.sleep(0.1)
+    sup.tick()
+    rec = store.get(job)
+    assert rec.status is JobStatus.FAILED and rec.error_kind == "timeout"
+    assert "timeout of 0.05 s" in rec.error_message
+    assert launcher.handles[job].signals[0] == "TERM"
+    sup.tick()  # grace 0: escalates to SIGKILL; the exit is reaped and the CPU freed
+    sup.tick()
+    assert launcher.handles[job].signals == ["TERM", "KILL"]
+    assert sup.running_ids() == [waiting]
+
+
+def test_cancelled_running_job_is_killed(env):
+    store, launcher, make = env
+    sup = make(cpus=1)
+    job = add(store)
+    sup.tick()
+    assert store.transition(job, JobStatus.CANCELLED, message="Cancelled by user.")
+    sup.tick()
+    assert launcher.handles[job].signals == ["TERM"]
+    launcher.handles[job].rc = -15
+    sup.tick()
+    assert sup.running_ids() == [] and sup.pool.held() == {}
+    assert store.get(job).status is JobStatus.CANCELLED
+
+
+def test_crashed_worker_fails_with_log_tail(env):
+    store, launcher, make = env
+    sup = make(cpus=1)
+    job = add(store)
+    sup.tick()
+    launcher.handles[job].rc = -9
+    sup.tick()
+    rec = store.get(job)
+    assert rec.status is JobStatus.FAILED and rec.error_kind == "worker_crashed"
+    assert "signal 9" in rec.error_message and "Traceback: boom" in rec.error_message
+
+
+def test_worker_error_reason_is_kept(env):
+    store, launcher, make = env
+    sup = make(cpus=1)
+    job = add(store)
+    sup.tick()
+    store.set_error(job, "KeyError: 'prompt'", "worker_error")
+    launcher.handles[job].rc = 1
+    sup.tick()
+    rec = store.get(job)
+    assert rec.status is JobStatus.FAILED and rec.error_kind == "worker_error"
+    assert rec.error_message.startswith("KeyError: 'prompt'")
+
+
+def test_exit_zero_without_result_is_a_failure(env):
+    store, launcher, make = env
+    sup = make(cpus=1)
+    job = add(store)
+    sup.tick()
+    launcher.handles[job].rc = 0
+    sup.tick()
+    assert store.get(job).status is JobStatus.FAILED
+
+
+def test_recover_requeues_once_then_fails(env):
+    store, launcher, make = env
+    job = add(store)
+    sup = make(cpus=1)
+    sup.tick()
+    assert store.get(job).attempts == 1
+    # the server "dies" here; a new supervisor recovers
+    sup2 = make(cpus=1)
+    sup2.recover()
+    assert store.get(job).status is JobStatus.PENDING
+    sup2.tick()
+    assert store.get(job).attempts == 2
+    sup3 = make(cpus=1)
+    sup3.recover()
+    rec = store.get(job)
+    assert rec.status is JobStatus.FAILED and rec.error_kind == "server_restart"
+
+
+def test_job_larger_than_capacity_fails_instead_of_waiting_forever(env):
+    store, launcher, make = env
+    job = add(store, cpus=8)
+    sup = make(cpus=2)
+    sup.tick()
+    rec = store.get(job)
+    assert rec.status is JobStatus.FAILED and rec.error_kind == "unschedulable"
+
+
+def test_transition_table_is_enforced(env):
+    store, _, _ = env
+    job = add(store)
+    assert not store.transition(job, JobStatus.COMPLETED, message="x")  # pending -> completed
+    assert store.transition(job, JobStatus.CANCELLED, message="x")
+    assert not store.transition(job, JobStatus.RUNNING, message="x")  # terminal stays terminal
