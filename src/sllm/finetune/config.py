@@ -1,0 +1,375 @@
+"""The `backend_config` of the `peft_lora` backend: its shape, its defaults and its checks.
+
+Everything here is cheap: pydantic for the shape; `transformers`/`peft` are imported lazily only by
+the checks that construct `TrainingArguments` / `LoraConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import tempfile
+import types
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sllm.errors import InvalidRequestError
+
+P = "backend_config"
+
+DEFAULT_MAX_SEQ_LENGTH = 1024
+
+# Keys of `lora_config` the user leaves out take these values.
+DEFAULT_LORA_CONFIG: dict[str, Any] = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "bias": "none",
+    "task_type": "CAUSAL_LM",
+}
+
+LOCAL_EXTENSIONS = ("json", "csv", "parquet", "text")
+_EXTENSION_ALIASES = {"jsonl": "json", "txt": "text", "tsv": "csv"}
+
+# `dataset_config` extras that are never passed on to `datasets.load_dataset`: credentials, places
+# to write, and ways to run code or read outside the allowed data roots.
+REFUSED_DATASET_KEYS: dict[str, str] = {
+    "token": "credentials are not accepted in a job config; configure the worker's environment",
+    "use_auth_token": "credentials are not accepted in a job config",
+    "storage_options": "may carry credentials and remote filesystems; not accepted",
+    "download_config": "may carry credentials; not accepted",
+    "cache_dir": "the datasets cache is configured on the server (HF_HOME / HF_DATASETS_CACHE)",
+    "path": "use `hf_dataset_name` (hf_hub) or `extension_type` + `data_files` (local)",
+    "trust_remote_code": "running dataset code is not allowed",
+    "streaming": "streaming datasets are not supported; the job needs the row count",
+}
+
+
+class DatasetConfig(BaseModel):
+    """Where the training text comes from. Extra keys go to `datasets.load_dataset` as keywords."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset_source: Literal["hf_hub", "local"] = Field(
+        description="`hf_hub`: a dataset repository id (or a directory inside the data roots); "
+        "`local`: files given by `data_files` and `extension_type`."
+    )
+    hf_dataset_name: str | None = Field(
+        None, description="Hub dataset id such as `fka/awesome-chatgpt-prompts` (hf_hub only)."
+    )
+    tokenization_field: str = Field(
+        min_length=1, description="Column whose text is tokenized and trained on."
+    )
+    split: str = Field("train", min_length=1, description="Dataset split to train on.")
+    data_files: str | list[str] = Field(
+        "",
+        description="Local file(s) or glob(s) (local); relative paths resolve against the server's "
+        "working directory and must lie inside one of its data roots.",
+    )
+    extension_type: str = Field(
+        "", description="Format of the local files: json (also jsonl), csv, parquet or text."
+    )
+
+    def extras(self) -> dict[str, Any]:
+        """The extra keys, passed on to `datasets.load_dataset`."""
+        return dict(self.model_extra or {})
+
+
+class BackendConfig(BaseModel):
+    """The `backend_config` of a `peft_lora` fine-tuning job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: str | None = Field(
+        None,
+        description="Where the adapter is saved, relative to `$STORAGE_PATH/transformers`; "
+        "default `ft_<model>_adapter`.",
+    )
+    dataset_config: DatasetConfig = Field(description="The training data.")
+    lora_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of `peft.LoraConfig`; omitted keys default to r=8, "
+        "lora_alpha=16, lora_dropout=0.05, bias=none, task_type=CAUSAL_LM.",
+    )
+    training_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments of `transformers.TrainingArguments` (minus the keys that "
+        "write outside the job or send data elsewhere).",
+    )
+    max_seq_length: int | None = Field(
+        None,
+        gt=0,
+        description="Longer texts are truncated; default min(model max_position_embeddings, 1024).",
+    )
+
+
+def default_output_dir(model: str) -> str:
+    return f"ft_{model}_adapter"
+
+
+def parse_backend_config(raw: Any) -> BackendConfig:
+    """Shape-check `raw`; the first problem becomes an `InvalidRequestError` naming its field."""
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"`{P}` must be a JSON object.", param=P)
+    try:
+        return BackendConfig.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        path = ".".join([P, *(str(part) for part in first["loc"])])
+        more = f" ({len(errors) - 1} more problem(s) after this one)" if len(errors) > 1 else ""
+        raise InvalidRequestError(f"`{path}`: {first['msg']}.{more}", param=path) from None
+
+
+def normalise_extension(extension_type: str) -> str:
+    ext = extension_type.strip().lower().lstrip(".")
+    ext = _EXTENSION_ALIASES.get(ext, ext)
+    if ext not in LOCAL_EXTENSIONS:
+        raise InvalidRequestError(
+            f"`{P}.dataset_config.extension_type` must be one of {', '.join(LOCAL_EXTENSIONS)} for "
+            f"a local dataset, got {extension_type!r}.",
+            param=f"{P}.dataset_config.extension_type",
+        )
+    return ext
+
+
+def check_dataset_extras(extras: dict[str, Any], *, local: bool) -> None:
+    for key, value in extras.items():
+        param = f"{P}.dataset_config.{key}"
+        reason = REFUSED_DATASET_KEYS.get(key)
+        if key in ("trust_remote_code", "streaming") and not value:
+            reason = None
+        if reason:
+            raise InvalidRequestError(f"`{param}` is refused: {reason}.", param=param)
+        if key == "data_dir" and value is not None:
+            if local:
+                raise InvalidRequestError(
+                    f"`{param}` is not supported for a local dataset; list the files in "
+                    "`data_files` instead.",
+                    param=param,
+                )
+            if not isinstance(value, str) or os.path.isabs(value) or ".." in value.split("/"):
+                raise InvalidRequestError(
+                    f"`{param}` must be a relative directory inside the dataset repository.",
+                    param=param,
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_config
+
+
+def lora_config_with_defaults(lora_config: dict[str, Any]) -> dict[str, Any]:
+    return {**DEFAULT_LORA_CONFIG, **lora_config}
+
+
+def build_lora_config(lora_config: dict[str, Any]):
+    """`peft.LoraConfig(**lora_config)`, or an `InvalidRequestError` naming what is wrong."""
+    from peft import LoraConfig
+
+    param = f"{P}.lora_config"
+    task_type = lora_config.get("task_type")
+    if task_type is not None and str(task_type) != "CAUSAL_LM":
+        raise InvalidRequestError(
+            f"`{param}.task_type` must be CAUSAL_LM (this backend trains causal LMs), got "
+            f"{task_type!r}.",
+            param=f"{param}.task_type",
+        )
+    _check_lora_values(lora_config)
+    try:
+        return LoraConfig(**lora_config)
+    except TypeError as exc:
+        unknown = _unknown_keys(LoraConfig, lora_config)
+        where = f"{param}.{unknown[0]}" if unknown else param
+        hint = (
+            f"unknown key(s) {', '.join(map(repr, unknown))}; see peft.LoraConfig for valid keys"
+            if unknown
+            else str(exc)
+        )
+        raise InvalidRequestError(f"`{param}` is invalid: {hint}.", param=where) from None
+    except (ValueError, AssertionError) as exc:
+        raise InvalidRequestError(f"`{param}` is invalid: {exc}", param=param) from None
+
+
+def _check_lora_values(lora_config: dict[str, Any]) -> None:
+    """The checks `LoraConfig` itself skips (it accepts r=0 or bias='bogus' and fails later)."""
+    param = f"{P}.lora_config"
+
+    def bad(key: str, what: str) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"`{param}.{key}` must be {what}, got {lora_config[key]!r}.", param=f"{param}.{key}"
+        )
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    r = lora_config.get("r")
+    if "r" in lora_config and not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
+        raise bad("r", "a positive integer")
+    if "lora_alpha" in lora_config and not (
+        is_num(lora_config["lora_alpha"]) and lora_config["lora_alpha"] > 0
+    ):
+        raise bad("lora_alpha", "a positive number")
+    dropout = lora_config.get("lora_dropout")
+    if "lora_dropout" in lora_config and not (is_num(dropout) and 0 <= dropout < 1):
+        raise bad("lora_dropout", "a number in [0, 1)")
+    if "bias" in lora_config and lora_config["bias"] not in ("none", "all", "lora_only"):
+        raise bad("bias", "one of 'none', 'all', 'lora_only'")
+    targets = lora_config.get("target_modules")
+    if targets is not None and not (
+        isinstance(targets, str)
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise bad("target_modules", "a module name, a list of them, a regex or 'all-linear'")
+
+
+# ---------------------------------------------------------------------------------------------
+# training_config
+
+_REPORT_TO_NONE = (None, "none", [], ["none"], ())
+
+# Keys refused outright, with the reason given to the client.
+REFUSED_TRAINING_KEYS: dict[str, str] = {
+    "output_dir": f"the adapter goes to `{P}.output_dir`; the trainer's scratch dir is the job's",
+    "logging_dir": "logs stay in the job's directory",
+    "overwrite_output_dir": "the trainer's scratch dir belongs to the job",
+    "resume_from_checkpoint": "jobs cannot read checkpoints from outside their own directory",
+    "hub_token": "credentials are not accepted in a job config",
+    "deepspeed": "DeepSpeed is not supported by this backend",
+}
+REFUSED_TRAINING_PREFIXES: dict[str, str] = {
+    "hub_": "adapters are saved to the store, never pushed to the Hub",
+    "push_to_hub_": "adapters are saved to the store, never pushed to the Hub",
+    "trackio_": "training metrics are reported to the job record only",
+}
+# Keys whose string form is a path to a file to read; the dict form is fine.
+_PATH_OR_DICT_KEYS = ("accelerator_config", "fsdp_config")
+
+
+def check_training_keys(training_config: dict[str, Any]) -> None:
+    """Refuse `training_config` keys that write outside the job's directories or send data out.
+
+    The rule: a fine-tuning job reads only its base model and its dataset, and writes only its
+    scratch dir (`$STORAGE_PATH/_jobs/<id>/trainer`) and its adapter dir. So `training_config` may
+    not set `output_dir`, `logging_dir`, `overwrite_output_dir` or `resume_from_checkpoint`; may
+    not push anywhere (`push_to_hub` true, any `hub_*` / `push_to_hub_*` key); may not report to
+    an outside service (`report_to` other than "none" / [] / null, any `trackio_*` key); may not
+    name config files to read (`deepspeed`, `accelerator_config` / `fsdp_config` given as a path);
+    and may not ask for evaluation (there is no evaluation set: `eval_strategy` other than "no",
+    `eval_on_start`, `load_best_model_at_end`).
+    """
+    for key, value in training_config.items():
+        param = f"{P}.training_config.{key}"
+        reason = REFUSED_TRAINING_KEYS.get(key)
+        if reason is None:
+            for prefix, why in REFUSED_TRAINING_PREFIXES.items():
+                if key.startswith(prefix):
+                    reason = why
+        if key == "push_to_hub" and value:
+            reason = REFUSED_TRAINING_PREFIXES["hub_"]
+        if key == "report_to" and value not in _REPORT_TO_NONE:
+            reason = 'metrics go to the job record; use "none" (progress is reported anyway)'
+        if key in _PATH_OR_DICT_KEYS and isinstance(value, str):
+            reason = "config files are not read from a job config; pass the settings as an object"
+        if key == "eval_strategy" and value not in (None, "no"):
+            reason = 'this backend has no evaluation set; use "no"'
+        if key in ("eval_on_start", "load_best_model_at_end") and value:
+            reason = "this backend has no evaluation set"
+        if reason:
+            raise InvalidRequestError(f"`{param}` is refused: {reason}.", param=param)
+
+
+@functools.lru_cache(maxsize=1)
+def _training_argument_types() -> dict[str, tuple[type, ...]]:
+    """Plain scalar fields of `TrainingArguments` -> the Python types they accept."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    scalar: dict[str, tuple[type, ...]] = {}
+    for f in dataclasses.fields(TrainingArguments):
+        hint = hints.get(f.name)
+        members = (
+            typing.get_args(hint)
+            if typing.get_origin(hint) in (typing.Union, types.UnionType)
+            else (hint,)
+        )
+        if all(m in (int, float, bool, str, type(None)) for m in members):
+            scalar[f.name] = tuple(m for m in members)
+    return scalar
+
+
+def _type_ok(value: Any, allowed: tuple[type, ...]) -> bool:
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    if isinstance(value, float):
+        return float in allowed
+    return isinstance(value, str) and str in allowed
+
+
+def build_training_arguments(
+    training_config: dict[str, Any], output_dir: str | os.PathLike, **overrides: Any
+):
+    """`TrainingArguments(output_dir=..., **training_config, **overrides)` or a 400."""
+    from transformers import TrainingArguments
+
+    param = f"{P}.training_config"
+    types_by_key = _training_argument_types()
+    for key, value in training_config.items():
+        allowed = types_by_key.get(key)
+        if allowed is not None and not _type_ok(value, allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise InvalidRequestError(
+                f"`{param}.{key}` must be {names}, got {value!r}.", param=f"{param}.{key}"
+            )
+    kwargs = {**training_config, **overrides}
+    try:
+        return TrainingArguments(output_dir=str(output_dir), **kwargs)
+    except TypeError as exc:
+        unknown = _unknown_keys(TrainingArguments, kwargs)
+        if not unknown:
+            raise InvalidRequestError(f"`{param}` is invalid: {exc}", param=param) from None
+        key = unknown[0]
+        hint = _RENAMED_TRAINING_KEYS.get(key, "see transformers.TrainingArguments for valid keys")
+        raise InvalidRequestError(
+            f"`{param}.{key}` is not a TrainingArguments option in transformers "
+            f"{_transformers_version()}: {hint}.",
+            param=f"{param}.{key}",
+        ) from None
+    except (ValueError, ImportError, OSError) as exc:
+        raise InvalidRequestError(f"`{param}` is invalid: {exc}", param=param) from None
+
+
+def check_training_config(training_config: dict[str, Any], *, cuda_available: bool) -> None:
+    """Refused keys, then `TrainingArguments` must construct (as the run would on this host)."""
+    check_training_keys(training_config)
+    overrides = {} if cuda_available else {"use_cpu": True}
+    scratch = os.path.join(tempfile.gettempdir(), "sllm-validate-training-args")
+    build_training_arguments(training_config, scratch, **overrides)
+
+
+_RENAMED_TRAINING_KEYS = {
+    "group_by_length": "removed in transformers 5; use "
+    '"train_sampling_strategy": "group_by_length"',
+    "torch_dtype": "renamed `dtype`, and it is not a TrainingArguments option; the base model is "
+    "loaded in its stored dtype (float32 on CPU)",
+    "evaluation_strategy": "renamed `eval_strategy`",
+    "no_cuda": "use `use_cpu`",
+}
+
+
+def _unknown_keys(cls: type, kwargs: dict[str, Any]) -> list[str]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    return [k for k in kwargs if k not in known]
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
