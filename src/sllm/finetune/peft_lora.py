@@ -1,0 +1,521 @@
+"""The `peft_lora` fine-tuning backend: LoRA adapters for stored causal LMs via PEFT + HF Trainer.
+
+`validate` runs in the API server and imports `transformers`/`peft` lazily (a few seconds the first
+time, milliseconds after). `run` runs in the job's worker process: it loads the stored base model,
+tokenizes the dataset, trains with `transformers.Trainer`, reports progress through the
+`Reporter`, and saves the adapter atomically to `$STORAGE_PATH/transformers/<output_dir>`.
+
+Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sllm.errors import InvalidRequestError
+from sllm.finetune.base import JobSpec, Reporter, TrainResult, ValidationContext
+from sllm.finetune.config import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    BackendConfig,
+    P,
+    build_lora_config,
+    build_training_arguments,
+    check_training_config,
+    check_training_keys,
+    default_output_dir,
+    lora_config_with_defaults,
+    parse_backend_config,
+)
+from sllm.finetune.data import (
+    check_dataset_config,
+    describe_dataset,
+    load_training_dataset,
+    tokenize_dataset,
+)
+from sllm.paths import backend_root, jobs_dir, model_dir, resolve_inside
+
+METADATA_NAME = "training_metadata.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+METADATA_FORMAT_VERSION = 1
+
+
+class PeftLoraBackend:
+    """LoRA fine-tuning with PEFT. See `sllm.finetune.base.Backend` for the contract."""
+
+    name = "peft_lora"
+
+    # ------------------------------------------------------------------ validate (API server)
+
+    def validate(self, backend_config: dict[str, Any], ctx: ValidationContext) -> dict[str, Any]:
+        """Check everything the run would reject; return the config with defaults filled in.
+
+        Returned keys: output_dir (relative to `$STORAGE_PATH/transformers`), dataset_config
+        (local paths made absolute, extension normalised), lora_config (defaults merged),
+        training_config (as given), max_seq_length (None means: decided from the model).
+        """
+        cfg = parse_backend_config(backend_config)
+        storage = Path(ctx.storage_path)
+        output_rel = cfg.output_dir if cfg.output_dir is not None else default_output_dir(ctx.model)
+        target = resolve_inside(backend_root(storage), output_rel, param=f"{P}.output_dir")
+        check_output_target(target, storage, ctx.model)
+
+        dataset = check_dataset_config(cfg.dataset_config, list(ctx.data_roots))
+
+        lora = lora_config_with_defaults(cfg.lora_config)
+        lora_obj = build_lora_config(lora)
+        check_training_config(cfg.training_config, cuda_available=_cuda_available())
+
+        model_config = _read_model_config(storage, ctx.model)
+        if model_config is not None:
+            limit = _max_positions(model_config)
+            if cfg.max_seq_length is not None and limit and cfg.max_seq_length > limit:
+                raise InvalidRequestError(
+                    f"`{P}.max_seq_length`={cfg.max_seq_length} exceeds the model's "
+                    f"max_position_embeddings ({limit}); use at most {limit}.",
+                    param=f"{P}.max_seq_length",
+                )
+            _check_lora_targets(storage, ctx.model, lora_obj)
+
+        return {
+            "output_dir": output_rel,
+            "dataset_config": dataset,
+            "lora_config": lora,
+            "training_config": dict(cfg.training_config),
+            "max_seq_length": cfg.max_seq_length,
+        }
+
+    # ------------------------------------------------------------------ run (worker process)
+
+    def run(self, spec: JobSpec, reporter: Reporter) -> TrainResult:
+        started = time.monotonic()
+        import torch
+
+        cfg = parse_backend_config(spec.backend_config)
+        storage = Path(spec.storage_path)
+        output_rel = (
+            cfg.output_dir if cfg.output_dir is not None else default_output_dir(spec.model)
+        )
+        adapter_dir = resolve_inside(backend_root(storage), output_rel, param=f"{P}.output_dir")
+        check_output_target(adapter_dir, storage, spec.model)
+        lora = lora_config_with_defaults(cfg.lora_config)
+        lora_obj = build_lora_config(lora)
+        check_training_keys(cfg.training_config)
+
+        torch.set_num_threads(max(1, int(spec.num_cpus)))
+        use_cuda = spec.num_gpus > 0 and torch.cuda.is_available()
+        device = "cuda" if use_cuda else "cpu"
+        if spec.num_gpus > 0 and not use_cuda:
+            reporter.event("warning", "GPUs were requested but CUDA is not available; using CPU.")
+
+        scratch = jobs_dir(storage) / spec.job_id / "trainer"
+        scratch.mkdir(parents=True, exist_ok=True)
+        overrides = training_overrides(cfg.training_config, use_cuda=use_cuda)
+        args = build_training_arguments(cfg.training_config, scratch, **overrides)
+
+        reporter.event("info", f"Loading base model {spec.model!r} on {device}.")
+        from sllm.store.loader import load_model, read_manifest
+
+        # Train in float32 on CPU (half precision there is slow and numerically poor); keep the
+        # stored dtype on GPU, where PEFT keeps the adapter weights in float32.
+        model, tokenizer = load_model(
+            storage, spec.model, device=device, dtype=None if use_cuda else torch.float32
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        saved_padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        max_len = resolve_max_seq_length(cfg.max_seq_length, model.config, reporter)
+
+        _quiet_datasets()
+        ds_cfg = cfg.dataset_config
+        dataset = load_training_dataset(ds_cfg)
+        num_rows = len(dataset)
+        train_set = tokenize_dataset(
+            dataset, tokenizer, ds_cfg.tokenization_field, max_len, num_proc=spec.num_cpus
+        )
+        reporter.event(
+            "info",
+            f"Dataset ready: {len(train_set)} of {num_rows} rows to train on "
+            f"(max_seq_length {max_len}).",
+            {"num_rows": num_rows, "num_train_rows": len(train_set), "max_seq_length": max_len},
+        )
+
+        from peft import get_peft_model
+        from transformers import Trainer
+
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False
+        if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        peft_model = get_peft_model(model, lora_obj)
+        trainable, total = peft_model.get_nb_trainable_parameters()
+
+        tracker = TrainingTracker(reporter)
+        trainer = Trainer(
+            model=peft_model,
+            args=args,
+            train_dataset=train_set,
+            data_collator=make_data_collator(tokenizer),
+            processing_class=tokenizer,
+            callbacks=[make_progress_callback(tracker)],
+        )
+        reporter.event(
+            "info",
+            f"Training {trainable:,} LoRA parameters ({100 * trainable / max(total, 1):.2f}% of "
+            f"{total:,}).",
+            {"trainable_params": trainable, "total_params": total},
+        )
+        train_output = trainer.train()
+        state = trainer.state
+
+        tokenizer.padding_side = saved_padding_side
+        final_loss = tracker.loss_history[-1]["loss"] if tracker.loss_history else None
+        if final_loss is None and train_output.training_loss is not None:
+            final_loss = float(train_output.training_loss)
+        runtime_s = round(time.monotonic() - started, 3)
+        manifest = read_manifest(storage, spec.model) or {}
+        metadata = {
+            "format_version": METADATA_FORMAT_VERSION,
+            "backend": self.name,
+            "job_id": spec.job_id,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "base_model": {"name": spec.model, "checksum": manifest.get("checksum")},
+            "output_dir": output_rel,
+            "dataset": {
+                **describe_dataset(ds_cfg),
+                "num_rows": num_rows,
+                "num_train_rows": len(train_set),
+            },
+            "max_seq_length": max_len,
+            "lora_config": lora,
+            "training_config": dict(cfg.training_config),
+            "training_overrides": overrides,
+            "dataset_config": ds_cfg.model_dump(),
+            "loss_history": tracker.loss_history,
+            "final_loss": final_loss,
+            "train_loss": _float_or_none(train_output.training_loss),
+            "trained_tokens": int(state.num_input_tokens_seen or 0),
+            "steps": int(state.global_step),
+            "epochs": _float_or_none(state.epoch),
+            "trainable_params": trainable,
+            "runtime_s": runtime_s,
+            "train_runtime_s": _float_or_none(train_output.metrics.get("train_runtime")),
+            "device": device,
+            "versions": library_versions(),
+        }
+        save_adapter_atomically(peft_model, tokenizer, adapter_dir, metadata, spec.model, storage)
+        return TrainResult(
+            adapter_path=adapter_dir,
+            metrics={
+                "final_loss": final_loss,
+                "trained_tokens": metadata["trained_tokens"],
+                "runtime_s": runtime_s,
+                "steps": metadata["steps"],
+            },
+        )
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def make_data_collator(tokenizer):
+    """How examples become batches; the one place to swap in padding-free batching."""
+    from transformers import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+
+
+def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> dict[str, Any]:
+    """TrainingArguments the backend sets itself (forced) or defaults (when the user did not)."""
+    forced: dict[str, Any] = {
+        "report_to": "none",
+        "include_num_input_tokens_seen": "non_padding",
+    }
+    if not use_cuda:
+        forced["use_cpu"] = True
+    defaults: dict[str, Any] = {
+        "logging_steps": 1,  # a loss point every step unless asked otherwise
+        "save_strategy": "no",  # the adapter is saved by the backend; checkpoints are opt-in
+        "disable_tqdm": True,  # progress goes to the job record, not to the worker's log
+    }
+    if not use_cuda:
+        defaults["dataloader_pin_memory"] = False
+    out = {k: v for k, v in defaults.items() if k not in training_config}
+    out.update(forced)
+    return out
+
+
+class TrainingTracker:
+    """Turns trainer callbacks into `Reporter` calls and keeps the loss history."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.loss_history: list[dict[str, Any]] = []
+        self.last_loss: float | None = None
+        self.last_lr: float | None = None
+        self._t0: float | None = None
+        self._first_step = 0
+
+    def train_begin(self, state) -> None:
+        self._t0 = time.monotonic()
+        self._first_step = int(state.global_step or 0)
+
+    def report(self, state) -> None:
+        step = int(state.global_step or 0)
+        total = int(state.max_steps or 0) or None
+        tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        elapsed = time.monotonic() - self._t0 if self._t0 is not None else None
+        tps = tokens / elapsed if elapsed and elapsed > 0 else None
+        eta = None
+        done = step - self._first_step
+        if elapsed and done > 0 and total:
+            eta = max(0.0, elapsed / done * (total - step))
+        self.reporter.progress(
+            step=step,
+            total_steps=total,
+            epoch=_round(state.epoch, 4),
+            loss=self.last_loss,
+            learning_rate=self.last_lr,
+            trained_tokens=tokens,
+            tokens_per_second=_round(tps, 2),
+            eta_seconds=_round(eta, 2),
+        )
+
+    def log(self, state, logs: dict[str, Any]) -> None:
+        if "learning_rate" in logs:
+            self.last_lr = _float_or_none(logs["learning_rate"])
+        if "loss" in logs:
+            loss = _float_or_none(logs["loss"])
+            step = int(state.global_step or 0)
+            self.last_loss = loss
+            self.loss_history.append({"step": step, "loss": loss})
+            total = int(state.max_steps or 0)
+            self.reporter.event(
+                "loss",
+                f"step {step}/{total}: loss {loss:.4f}" if loss is not None else f"step {step}",
+                {"step": step, "loss": loss},
+            )
+        self.report(state)
+
+
+def make_progress_callback(tracker: TrainingTracker):
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            tracker.train_begin(state)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            tracker.report(state)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            tracker.log(state, logs or {})
+
+    return ProgressCallback()
+
+
+def resolve_max_seq_length(requested: int | None, model_config: Any, reporter: Reporter) -> int:
+    limit = _max_positions(model_config)
+    if requested is None:
+        return min(limit, DEFAULT_MAX_SEQ_LENGTH) if limit else DEFAULT_MAX_SEQ_LENGTH
+    if limit and requested > limit:
+        reporter.event(
+            "warning",
+            f"max_seq_length {requested} exceeds the model's {limit} positions; using {limit}.",
+        )
+        return limit
+    return requested
+
+
+def check_output_target(target: Path, storage: Path, model: str) -> None:
+    """The adapter dir may be new, empty or an earlier adapter; never a model or other data."""
+    param = f"{P}.output_dir"
+    if model:
+        try:
+            base = model_dir(storage, model)
+        except InvalidRequestError:
+            base = None
+        if base is not None and (target == base or base in target.parents):
+            raise InvalidRequestError(
+                f"`{param}` points inside the base model's directory ({base}); choose a path "
+                f"beside it, e.g. {default_output_dir(model)!r}.",
+                param=param,
+            )
+    if target.exists() or target.is_symlink():
+        if target.is_symlink() or not target.is_dir():
+            raise InvalidRequestError(
+                f"`{param}`: {target} exists and is not a directory; choose another output_dir.",
+                param=param,
+            )
+        if any(target.iterdir()) and not (target / ADAPTER_CONFIG_NAME).is_file():
+            raise InvalidRequestError(
+                f"`{param}`: {target} already holds something that is not a LoRA adapter (no "
+                f"{ADAPTER_CONFIG_NAME}); it will not be replaced. Choose another output_dir.",
+                param=param,
+            )
+
+
+def save_adapter_atomically(
+    peft_model, tokenizer, adapter_dir: Path, metadata: dict[str, Any], model: str, storage: Path
+) -> None:
+    """Write the adapter into a scratch dir beside `adapter_dir`, then rename it into place.
+
+    An existing adapter there is moved aside first and removed only once the new one is in place
+    (restored if the swap fails), so readers see the old adapter or the new one, never a mix. The
+    scratch dirs follow the store's naming (`.tmp-<pid>-...`, `.old-<pid>-...`) and the final
+    renames hold the store's lock.
+    """
+    from sllm.store import layout
+
+    parent = adapter_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = layout.scratch_dir(parent)
+    old: Path | None = None
+    try:
+        tmp.mkdir()
+        peft_model.save_pretrained(str(tmp))
+        _name_base_model(tmp / ADAPTER_CONFIG_NAME, model)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        layout.normalise_permissions(tmp)
+        _fsync_tree(tmp)
+        with layout.store_lock(backend_root(storage)):
+            check_output_target(adapter_dir, storage, model)  # nothing else appeared meanwhile
+            if adapter_dir.exists():
+                old = layout.scratch_dir(parent, layout.OLD_PREFIX)
+                os.rename(adapter_dir, old)
+            os.rename(tmp, adapter_dir)
+            layout.fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not adapter_dir.exists():
+            os.rename(old, adapter_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _name_base_model(adapter_config: Path, model: str) -> None:
+    """Record the base model as sllm names it, not by this machine's storage path.
+
+    Done after `save_pretrained`, which looks the base model's config up by that name (a local
+    path finds it; a bare name would send PEFT to the Hub).
+    """
+    data = json.loads(adapter_config.read_text())
+    data["base_model_name_or_path"] = model
+    adapter_config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import sllm
+
+    out: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "peft", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    out["sllm"] = sllm.__version__
+    return out
+
+
+def _max_positions(model_config: Any) -> int | None:
+    get = (
+        model_config.get
+        if isinstance(model_config, dict)
+        else lambda k: getattr(model_config, k, None)
+    )
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _read_model_config(storage: Path, model: str) -> dict[str, Any] | None:
+    if not model:
+        return None
+    try:
+        path = model_dir(storage, model) / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (InvalidRequestError, OSError, ValueError):
+        return None
+
+
+def _check_lora_targets(storage: Path, model: str, lora_obj: Any) -> None:
+    """Apply the LoRA config to a weightless (meta-device) copy of the model: bad
+    `target_modules` (or an architecture PEFT has no defaults for) fail here, not in the job."""
+    try:
+        import torch
+        from peft import get_peft_model
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir(storage, model))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - an unloadable config is the run's problem, not ours
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_peft_model(skeleton, lora_obj)
+    except ValueError as exc:
+        about_targets = "target" in str(exc).lower() or type(exc).__name__.startswith("NoMatching")
+        param = f"{P}.lora_config" + (".target_modules" if about_targets else "")
+        raise InvalidRequestError(
+            f"`{P}.lora_config` does not fit {model!r}: {exc}", param=param
+        ) from None
+    except Exception:  # noqa: BLE001 - meta-device quirks; the run will tell
+        return
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _quiet_datasets() -> None:
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _round(value: Any, ndigits: int) -> float | None:
+    value = _float_or_none(value)
+    return None if value is None else round(value, ndigits)
+
+
+__all__ = ["BackendConfig", "PeftLoraBackend", "make_data_collator", "save_adapter_atomically"]
