@@ -1,0 +1,35 @@
+"""Helpers shared by the fine-tuning backend tests (imported by name; conftest holds fixtures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PIRATE_DATA = REPO_ROOT / "examples" / "fine_tuning" / "data" / "pirate_prompts.jsonl"
+
+
+class RecordingReporter:
+    """A `Reporter` that keeps every call, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def progress(self, **fields: Any) -> None:
+        self.calls.append(("progress", fields))
+
+    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        self.calls.append(("event", {"kind": kind, "message": message, "data": data}))
+
+    @property
+    def progress_calls(self) -> list[dict[str, Any]]:
+        return [c for k, c in self.calls if k == "progress"]
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return [c for k, c in self.calls if k == "event" and (kind is None or c["kind"] == kind)]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
