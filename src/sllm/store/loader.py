@@ -24,6 +24,14 @@ def load_model(storage: Path, model: str, device: str = "cpu", dtype: Any = None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_dir(storage, model)
+    if not (path / "config.json").is_file():
+        from sllm.errors import NotFoundError
+
+        raise NotFoundError(
+            f"model {model} is not in the store at {path.parent}; save it first with "
+            f"`sllm-store save --model {model} --backend transformers`.",
+            param="model",
+        )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
