@@ -25,11 +25,12 @@ def _both(path: str) -> list[str]:
 
 
 def _route(method: str, path: str, **kwargs):
-    """Register one handler under `fine-tuning` and `fine_tuning`; only one shows in the schema."""
+    """Register one handler under both spellings (`fine-tuning`, `fine_tuning`)."""
 
     def decorate(fn):
-        for i, p in enumerate(_both(path)):
-            router.add_api_route(p, fn, methods=[method], include_in_schema=i == 0, **kwargs)
+        for spelling, p in zip(("dash", "underscore"), _both(path), strict=True):
+            op = f"{fn.__name__}_{spelling}"
+            router.add_api_route(p, fn, methods=[method], operation_id=op, **kwargs)
         return fn
 
     return decorate

@@ -1,0 +1,193 @@
+"""The README's main job: the seed workflow end to end, offline, on SmolLM2-135M-Instruct.
+
+1. `sllm-store save` the bundled model; 2. `sllm start`; 3. submit the fine-tuning job; 4. follow
+it with a live progress bar to `completed` and list the adapter; 5. deploy the adapter and ask
+base and adapter the same question, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO / "examples" / "fine_tuning" / "demo_config.json"
+QUESTION = "What is the best way to learn to sail?"
+
+console = Console()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step(n: int, title: str, command: str | None = None) -> None:
+    console.rule(f"[bold]Step {n}: {title}")
+    if command:
+        console.print(f"[dim]$ {command}")
+
+
+def save_base_model(storage: Path) -> str:
+    from sllm.store.bundled import DEMO_MODEL, ensure_demo_model, smollm2_gguf_path
+
+    _step(
+        1,
+        "save the base model into the store",
+        f"sllm-store save --model {DEMO_MODEL} --backend transformers "
+        f"--local-model-path {smollm2_gguf_path()}",
+    )
+    start = time.monotonic()
+    name = ensure_demo_model(storage, progress=lambda msg: console.print(msg))
+    console.print(f"{storage / 'transformers' / name} ready in {time.monotonic() - start:.1f} s")
+    return name
+
+
+class ServerProcess:
+    def __init__(self, storage: Path, port: int, num_cpus: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = storage / "demo-server.log"
+        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(port)]
+        cmd += ["--storage-path", str(storage), "--num-cpus", str(num_cpus)]
+        cmd += ["--log-level", "warning"]
+        _step(2, "start the server", " ".join(["sllm", *cmd[3:]]))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited; see {self.log}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    console.print(f"server up at {self.url} (log: {self.log})")
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise SystemExit("server did not come up in 60 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.client.close()
+
+
+def submit(server: ServerProcess, config: dict) -> str:
+    _step(
+        3,
+        "submit the fine-tuning job",
+        f"curl -X POST {server.url}/v1/fine-tuning/jobs -H 'Content-Type: application/json' "
+        f"-d @{DEMO_CONFIG.relative_to(REPO)}",
+    )
+    r = server.client.post("/v1/fine-tuning/jobs", json=config)
+    if r.status_code != 200:
+        raise SystemExit(f"submit failed ({r.status_code}): {r.text}")
+    job_id = r.json()["job_id"]
+    console.print_json(r.text)
+    return job_id
+
+
+def follow(server: ServerProcess, job_id: str) -> dict:
+    _step(4, "monitor the job", f"curl {server.url}/v1/fine_tuning/jobs/{job_id}")
+    columns = [
+        TextColumn("[bold]{task.fields[status]:<9}"),
+        BarColumn(),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("epoch {task.fields[epoch]:.2f}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console, refresh_per_second=8) as bar:
+        task = bar.add_task("job", total=None, status="pending", epoch=0.0, loss="-", tps="-")
+        while True:
+            body = server.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            st = body["status"]
+            p = st.get("progress") or {}
+            bar.update(
+                task,
+                status=st["status"],
+                total=p.get("total_steps"),
+                completed=p.get("step") or 0,
+                epoch=p.get("epoch") or 0.0,
+                loss=f"{p['loss']:.3f}" if p.get("loss") is not None else "-",
+                tps=f"{p['tokens_per_second']:.0f}" if p.get("tokens_per_second") else "-",
+            )
+            if st["status"] in ("completed", "failed", "cancelled"):
+                return body
+            time.sleep(0.25)
+
+
+def show_adapter(body: dict) -> None:
+    st = body["status"]
+    if st["status"] != "completed":
+        raise SystemExit(f"job ended {st['status']}: {json.dumps(st.get('error'), indent=2)}")
+    path = Path(st["adapter_path"])
+    table = Table(title=f"adapter at {path}")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    for f in sorted(path.iterdir()):
+        table.add_row(f.name, f"{f.stat().st_size:,}")
+    console.print(table)
+    meta = json.loads((path / "training_metadata.json").read_text())
+    keys = ("final_loss", "trained_tokens", "runtime_seconds", "dataset")
+    console.print({k: meta.get(k) for k in keys if k in meta})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sllm-demo", description=__doc__)
+    default_storage = os.environ.get("STORAGE_PATH") or str(REPO / ".sllm" / "demo")
+    parser.add_argument("--storage-path", default=default_storage)
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    storage = Path(args.storage_path).expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    model = save_base_model(storage)
+    config = json.loads(DEMO_CONFIG.read_text())
+    config["model"] = model
+    config["num_cpus"] = min(config["num_cpus"], args.num_cpus)
+    server = ServerProcess(storage, args.port or _free_port(), args.num_cpus)
+    try:
+        job_id = submit(server, config)
+        body = follow(server, job_id)
+        show_adapter(body)
+        serve_step = _serving_step()
+        if serve_step:
+            serve_step(server, model, body, console)
+    finally:
+        server.stop()
+    console.rule(f"[bold green]done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _serving_step():
+    """Step 5 (deploy + chat) lives with the serving package; absent until it is installed."""
+    try:
+        from sllm.serve.demo import deploy_and_chat
+    except ImportError:
+        return None
+    return deploy_and_chat
+
+
+if __name__ == "__main__":
+    sys.exit(main())

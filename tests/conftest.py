@@ -1,0 +1,173 @@
+"""Shared fixtures: tiny stored models, datasets and a real `sllm start` server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = "tiny/llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_src(tmp_path_factory) -> Path:
+    from sllm.testing import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("src") / "tiny-llama")
+
+
+def write_dataset(path: Path, rows: int = 24, field: str = "prompt") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(rows):
+            text = f"Question {i}: how are you? Answer: Arr, I be fine, matey number {i}."
+            f.write(json.dumps({field: text}) + "\n")
+    return path
+
+
+@pytest.fixture
+def storage(tmp_path, tiny_model_src) -> Path:
+    """A store holding the tiny model as `tiny/llama`, plus a dataset under data/."""
+    from sllm.store import save_model
+
+    root = tmp_path / "store"
+    save_model(TINY, root, local_model_path=tiny_model_src)
+    write_dataset(root / "data" / "train.jsonl")
+    return root
+
+
+def job_config(storage: Path, **overrides) -> dict:
+    """The seed's config shape, on the tiny model and a local dataset; CPU only."""
+    cfg = {
+        "model": TINY,
+        "ft_backend": "peft_lora",
+        "num_gpus": 0,
+        "num_cpus": 1,
+        "timeout": 600,
+        "backend_config": {
+            "output_dir": "tiny/adapters/test_adapter",
+            "dataset_config": {
+                "dataset_source": "local",
+                "data_files": str(storage / "data" / "train.jsonl"),
+                "extension_type": "json",
+                "tokenization_field": "prompt",
+                "split": "train",
+            },
+            "lora_config": {
+                "r": 4,
+                "lora_alpha": 32,
+                "lora_dropout": 0.05,
+                "bias": "none",
+                "task_type": "CAUSAL_LM",
+            },
+            "training_config": {
+                "auto_find_batch_size": True,
+                "save_strategy": "no",
+                "num_train_epochs": 2,
+                "learning_rate": 0.01,
+                "per_device_train_batch_size": 4,
+                "use_cpu": False,
+            },
+        },
+    }
+    for key, value in overrides.items():
+        if key in cfg["backend_config"] and isinstance(value, dict):
+            cfg["backend_config"][key].update(value)
+        elif key == "output_dir":
+            cfg["backend_config"]["output_dir"] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`sllm start` in a subprocess on a loopback port; stopped (and its workers) on close."""
+
+    def __init__(self, storage: Path, *args: str, env: dict | None = None) -> None:
+        self.storage = storage
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = storage / f"server-{self.port}.log"
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(self.port)]
+        cmd += ["--storage-path", str(self.storage), "--log-level", "warning", *self.args]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not come up")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        self.client.close()
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            if body["status"]["status"] in statuses:
+                return body
+            time.sleep(0.1)
+        raise AssertionError(f"{job_id} never reached {statuses}: {body}")
+
+
+@pytest.fixture
+def server_factory():
+    servers: list[Server] = []
+
+    def make(storage: Path, *args: str, **kw) -> Server:
+        server = Server(storage, *args, **kw).start()
+        servers.append(server)
+        return server
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
