@@ -109,14 +109,16 @@ def follow(server: ServerProcess, job_id: str) -> dict:
     columns = [
         TextColumn("[bold]{task.fields[status]:<9}"),
         BarColumn(),
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("step {task.fields[steps]}"),
         TextColumn("epoch {task.fields[epoch]:.2f}"),
         TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=console, refresh_per_second=8) as bar:
-        task = bar.add_task("job", total=None, status="pending", epoch=0.0, loss="-", tps="-")
+        task = bar.add_task(
+            "job", total=None, status="pending", steps="-", epoch=0.0, loss="-", tps="-"
+        )
         while True:
             body = server.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
             st = body["status"]
@@ -126,6 +128,7 @@ def follow(server: ServerProcess, job_id: str) -> dict:
                 status=st["status"],
                 total=p.get("total_steps"),
                 completed=p.get("step") or 0,
+                steps=f"{p.get('step') or 0}/{p.get('total_steps') or '?'}",
                 epoch=p.get("epoch") or 0.0,
                 loss=f"{p['loss']:.3f}" if p.get("loss") is not None else "-",
                 tps=f"{p['tokens_per_second']:.0f}" if p.get("tokens_per_second") else "-",
