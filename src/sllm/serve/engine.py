@@ -1,0 +1,311 @@
+"""The batching inference engine of one instance: a base model, its LoRA adapters, a queue.
+
+One thread runs the model. Between decoding steps it admits waiting requests (up to
+`max_batch_size` rows): they are prefilled together, then join the running batch, whatever
+adapter each asks for; every step is ONE forward pass over all rows, with peft's
+`adapter_names=[...]` choosing each row's adapter (`__base__` for the base model). Finished rows
+leave at once. Greedy rows produce what they would alone (fp32; checked in tests/serve).
+
+Events reach each request through its `emit` callback (called on the engine thread):
+
+    {"type": "text", "text": "..."}                      text that is final (stop strings held)
+    {"type": "done", "finish_reason": "stop" | "length" | "cancelled",
+     "prompt_tokens": n, "completion_tokens": m}
+    {"type": "error", "message": "..."}                  the batch failed; nothing more follows
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from sllm.errors import InvalidRequestError
+from sllm.serve.adapters import AdapterSet, AdapterVersion, check_adapter_dir, check_shapes, timed
+from sllm.serve.batch import BASE, AdapterRouter, Batch, Row, left_padded, run_forward
+from sllm.serve.decoding import SamplingParams, TextTracker, choose_tokens, make_generator
+
+log = logging.getLogger(__name__)
+DEFAULT_CONTEXT = 2048
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class Engine:
+    def __init__(
+        self, model: Any, tokenizer: Any, *, device: Any = "cpu", max_batch_size: int = 8
+    ) -> None:
+        self.base = model.eval()
+        self.peft: Any = None
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_context = int(
+            getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+        )
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
+        self.adapters = AdapterSet()
+        self.router = AdapterRouter()
+        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "mixed_steps": 0, "requests": 0}
+        self.stats["joins"] = 0
+        self._model_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._running: Batch | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._waiting) + (len(self._running) if self._running else 0)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        emit: Callable[[dict], None],
+        adapter: str | None = None,
+    ) -> Row:
+        """Queue a request; raises (400/404) before queueing when it cannot run."""
+        if not prompt_ids:
+            raise InvalidRequestError("The prompt is empty.", param="prompt")
+        if len(prompt_ids) >= self.max_context:
+            raise InvalidRequestError(
+                f"The prompt has {len(prompt_ids)} tokens; this model's context is "
+                f"{self.max_context} tokens.",
+                param="messages",
+            )
+        version = self.adapters.acquire(adapter) if adapter else None
+        row = Row(
+            id=uuid.uuid4().hex,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            adapter_key=version.internal if version else BASE,
+            emit=emit,
+            tracker=TextTracker(self.tokenizer, params.stop),
+            max_new=min(params.max_tokens, self.max_context - len(prompt_ids)),
+            generator=make_generator(params, self.device),
+            version=version,
+        )
+        with self._cond:
+            self._waiting.append(row)
+            self.stats["requests"] += 1
+            self._cond.notify_all()
+        return row
+
+    def cancel(self, row: Row) -> None:
+        row.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict[str, Any]:
+        """Load `path` as `name`, replacing an older version; a no-op if nothing changed."""
+        current = self.adapters.get(name)
+        if current and current.path == path and current.fingerprint == fingerprint:
+            return {"name": name, "status": "unchanged", "load_seconds": 0.0}
+        check_adapter_dir(path)
+        check_shapes(self.base, path)
+        internal = self.adapters.next_internal()
+        with self._model_lock:
+            _, seconds = timed(self._load_into_model, internal, path)
+        self.adapters.install(AdapterVersion(name, internal, path, fingerprint, seconds))
+        self._collect()
+        status = "replaced" if current else "loaded"
+        log.info("adapter %s %s from %s in %.3fs", name, status, path, seconds)
+        return {"name": name, "status": status, "load_seconds": seconds}
+
+    def _load_into_model(self, internal: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=internal)
+        else:
+            self.peft.load_adapter(path, adapter_name=internal)
+        self.peft.eval()
+        self.router.attach(self.peft)
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.remove(name)
+        self._collect()
+
+    def _collect(self) -> None:
+        if self.peft is None:
+            return
+        with self._model_lock:
+            versions = self.adapters.collectable(len(self.peft.peft_config))
+            for version in versions:
+                self.peft.delete_adapter(version.internal)
+            if versions:
+                self.router.attach(self.peft)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and self._running is None:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admitted = self._admit_locked()
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._running is not None:
+                        self._decode_step()
+                except Exception as exc:  # noqa: BLE001 - fail the requests, keep serving
+                    log.exception("batch failed")
+                    self._fail(admitted + (self._running.rows if self._running else []), exc)
+        self._fail(list(self._waiting) + (self._running.rows if self._running else []), None)
+
+    def _admit_locked(self) -> list[Row]:
+        for row in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(row)
+            row.finish_reason = "cancelled"
+            self._finish(row)
+        running = self._running
+        if running is not None and not running.joinable():
+            return []
+        room = self.max_batch_size - (len(running) if running else 0)
+        admitted = []
+        while self._waiting and len(admitted) < room:
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _forward(self, ids, mask, pos, cache, names: list[str]):
+        with self._model_lock:
+            self.router.names = names if self.peft is not None else None
+            try:
+                return run_forward(self.base, type(self.base), ids, mask, pos, cache)
+            finally:
+                self.router.names = None
+
+    def _prefill(self, rows: list[Row]) -> None:
+        ids, mask, pos = left_padded([r.prompt_ids for r in rows], self.pad_id, self.device)
+        logits, cache = self._forward(ids, mask, pos, None, [r.adapter_key for r in rows])
+        batch = Batch(rows, cache, mask, last=None, pos=pos[:, -1])
+        tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        batch.advance(tokens)
+        self.stats["prefills"] += 1
+        self._accept(rows, tokens)
+        if self._running is None:
+            self._running = batch
+        else:
+            self._running.merge(batch)
+            self.stats["joins"] += 1
+        self._evict()
+
+    def _decode_step(self) -> None:
+        batch = self._running
+        ids, mask, pos = batch.step_inputs()
+        names = batch.adapter_names
+        logits, batch.cache = self._forward(ids, mask, pos, batch.cache, names)
+        rows = batch.rows
+        tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        batch.advance(tokens)
+        self.stats["steps"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        self.stats["mixed_steps"] += len(set(names)) > 1
+        self._accept(rows, tokens)
+        self._evict()
+
+    def _accept(self, rows: list[Row], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens, strict=True):
+            if row.cancelled:
+                row.finish_reason = "cancelled"
+            else:
+                self._advance_row(row, token)
+            if row.done:
+                self._finish(row)
+            else:
+                self._send_text(row, row.tracker.take())
+
+    def _advance_row(self, row: Row, token: int) -> None:
+        row.generated += 1
+        if token in self.eos_ids:
+            row.finish_reason = "stop"
+            return
+        row.tracker.add(token)
+        if row.tracker.stopped:
+            row.finish_reason = "stop"
+        elif row.generated >= row.max_new:
+            row.finish_reason = "length"
+
+    def _send_text(self, row: Row, text: str) -> None:
+        if text:
+            row.emit({"type": "text", "text": text})
+
+    def _finish(self, row: Row) -> None:
+        row.tracker.flush()
+        self._send_text(row, row.tracker.take(final=True))
+        row.emit(
+            {
+                "type": "done",
+                "finish_reason": row.finish_reason,
+                "prompt_tokens": len(row.prompt_ids),
+                "completion_tokens": row.generated,
+            }
+        )
+        self._release(row)
+
+    def _release(self, row: Row) -> None:
+        if row.version is not None:
+            self.adapters.release(row.version)
+            row.version = None
+
+    def _evict(self) -> None:
+        batch = self._running
+        keep = [i for i, r in enumerate(batch.rows) if not r.done]
+        if not keep:
+            self._running = None
+        else:
+            batch.keep(keep)
+        self._collect()
+
+    def _fail(self, rows: list[Row], exc: Exception | None) -> None:
+        message = f"{type(exc).__name__}: {exc}" if exc else "The instance is shutting down."
+        for row in rows:
+            if row.done:
+                continue
+            row.finish_reason = "error"
+            row.emit({"type": "error", "message": message})
+            self._release(row)
+        self._running = None
+        with self._cond:
+            if exc is None:
+                self._waiting.clear()

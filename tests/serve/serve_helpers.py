@@ -1,0 +1,227 @@
+"""Small helpers shared by the serving tests (kept out of conftest so tests can import them)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from pathlib import Path
+
+
+def make_random_adapter(base_dir: Path, out: Path, seed: int, targets=("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter with random (non-zero) weights, so its outputs differ from the base's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=32, init_lora_weights=False, target_modules=list(targets))
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+class Collector:
+    """An engine `emit` callback that a test can wait on."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue = queue.Queue()
+        self.text = ""
+        self.chunks: list[str] = []
+        self.done: dict | None = None
+
+    def __call__(self, event: dict) -> None:
+        self.events.put(event)
+
+    def wait(self, timeout: float = 60.0) -> Collector:
+        deadline = time.monotonic() + timeout
+        while self.done is None:
+            event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if event["type"] == "text":
+                self.text += event["text"]
+                self.chunks.append(event["text"])
+            elif event["type"] in ("done", "error"):
+                self.done = event
+        return self
+
+
+# --- a real server, the CLI, and adapters from real fine-tuning --------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+PIRATE_DATA = REPO / "examples" / "fine_tuning" / "data" / "pirate_prompts.jsonl"
+OPT = "facebook/opt-125m"  # a tiny random OPT stored under the seed's name (no chat template)
+LLAMA = "tiny/llama"  # a tiny random llama with a chat template
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`sllm start` on a free loopback port; `stop()` ends it (its instances die with it)."""
+
+    def __init__(self, storage: Path, *args: str) -> None:
+        import httpx
+
+        self.storage = storage
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = storage / f"server-{self.port}.log"
+        self.args = args
+        self.proc = None
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def start(self) -> ServerProcess:
+        import os
+        import subprocess
+        import sys
+
+        import httpx
+
+        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(self.port)]
+        cmd += ["--storage-path", str(self.storage), "--log-level", "warning", *self.args]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not come up")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        self.client.close()
+
+    def cli(self, *args: str, check: bool = True):
+        """Run `sllm <args>` against this server; returns the CompletedProcess."""
+        import os
+        import subprocess
+        import sys
+
+        env = {**os.environ, "LLM_SERVER_URL": self.url}
+        out = subprocess.run(
+            [sys.executable, "-m", "sllm.cli.main", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"sllm {' '.join(args)} failed: {out.stdout}{out.stderr}")
+        return out
+
+    def wait_job(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            if body["status"]["status"] in statuses:
+                return body
+            time.sleep(0.1)
+        raise AssertionError(f"{job_id} never reached {statuses}: {body}")
+
+    def deployment(self, model: str) -> dict:
+        return self.client.get(f"/v1/deployments/{model}").json()
+
+
+def seed_job_config(**training) -> dict:
+    """The seed's fine_tuning_config.json, on a local dataset, CPU only, default output_dir."""
+    return {
+        "model": OPT,
+        "ft_backend": "peft_lora",
+        "num_gpus": 0,
+        "num_cpus": 1,
+        "timeout": 600,
+        "backend_config": {
+            "dataset_config": {
+                "dataset_source": "local",
+                "data_files": str(PIRATE_DATA),
+                "extension_type": "json",
+                "tokenization_field": "prompt",
+                "split": "train",
+            },
+            "lora_config": {
+                "r": 4,
+                "lora_alpha": 32,
+                "lora_dropout": 0.05,
+                "bias": "none",
+                "task_type": "CAUSAL_LM",
+            },
+            "training_config": {
+                "auto_find_batch_size": True,
+                "save_strategy": "no",
+                "num_train_epochs": 2,
+                "learning_rate": 0.01,
+                "use_cpu": False,
+                **training,
+            },
+            "max_seq_length": 64,
+        },
+    }
+
+
+class _Quiet:
+    def progress(self, **fields) -> None:
+        pass
+
+    def event(self, kind, message, data=None) -> None:
+        pass
+
+
+def write_answers(path: Path, answer: str, rows: int = 64) -> Path:
+    """A dataset that teaches one fixed answer, so adapters trained on different ones differ."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    questions = ["What is the capital of France?", "Hello, how are you?", "Who are you?"]
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"prompt": f"Question: {questions[i % 3]} Answer: {answer}"}) + "\n")
+    return path
+
+
+def train_adapter(
+    storage: Path, model: str, output_dir: str, data: Path, lr: float, epochs: int, seed: int
+) -> Path:
+    """Run the peft_lora backend directly, as a job's worker would; returns the adapter dir."""
+    from sllm.finetune.base import JobSpec, ValidationContext, get_backend
+
+    cfg = seed_job_config(num_train_epochs=epochs, learning_rate=lr, seed=seed)["backend_config"]
+    cfg["output_dir"] = output_dir
+    cfg["dataset_config"]["data_files"] = str(data)
+    cfg["training_config"].pop("auto_find_batch_size")
+    cfg["training_config"]["per_device_train_batch_size"] = 16
+    backend = get_backend("peft_lora")
+    ctx = ValidationContext(storage, data_roots=[storage, data.parent], model=model)
+    spec = JobSpec(f"direct-{seed}", model, storage, backend.validate(cfg, ctx), num_cpus=1)
+    return backend.run(spec, _Quiet()).adapter_path
+
+
+def peft_generate(storage: Path, model: str, adapter_dir: Path | None, prompt: str, n: int) -> str:
+    """Greedy text from the base model, or from `PeftModel` with one adapter, loaded directly."""
+    import torch
+    from peft import PeftModel
+
+    from sllm.store import load_model
+
+    lm, tok = load_model(storage, model, dtype=torch.float32)
+    if adapter_dir is not None:
+        lm = PeftModel.from_pretrained(lm, adapter_dir)
+    lm.eval()
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = lm.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
