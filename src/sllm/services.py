@@ -12,6 +12,8 @@ from sllm.jobs.resources import ResourcePool
 from sllm.jobs.service import JobService
 from sllm.jobs.supervisor import Supervisor
 from sllm.paths import db_path, jobs_dir
+from sllm.serve.deployments import DeploymentService
+from sllm.serve.registry import DeploymentRegistry
 
 
 @dataclass
@@ -22,6 +24,7 @@ class Services:
     supervisor: Supervisor
     jobs: JobService
     extra: dict[str, Any] = field(default_factory=dict)
+    deployments: DeploymentService | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -39,11 +42,17 @@ class Services:
             max_restarts=settings.max_restarts,
         )
         jobs = JobService(settings, store, pool, supervisor)
-        return cls(settings, store, pool, supervisor, jobs)
+        registry = DeploymentRegistry(db_path(storage))
+        deployments = DeploymentService(storage, pool, supervisor.wake, registry)
+        return cls(settings, store, pool, supervisor, jobs, deployments=deployments)
 
     def start(self) -> None:
         self.supervisor.start()
+        if self.deployments is not None:
+            self.deployments.start()
 
     def stop(self) -> None:
+        if self.deployments is not None:
+            self.deployments.stop()
         self.supervisor.stop()
         self.store.close()

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from sllm import __version__
 from sllm.api.errors import install_error_handlers
-from sllm.api.routes import fine_tuning
+from sllm.api.routes import fine_tuning, serving
 from sllm.config import Settings
 from sllm.services import Services
 
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="sllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(fine_tuning.router)
+    app.include_router(serving.router)
 
     @app.get("/health", tags=["server"])
     def health() -> dict:

@@ -1,0 +1,284 @@
+"""Deployments: which models are served, with which adapters, on which instances.
+
+    deploy / delete / status / list_models      control (plain Python, called from any thread)
+    open(model, adapter, payload)               data path (async): pick or start an instance,
+                                                stream its events back
+
+A deployment starts no instance until a request arrives (cold start: the instance loads the base
+model, then the server loads the adapters into it; requests that arrive meanwhile wait for it).
+Requests go to the least-loaded instance below its concurrency target; when all are at target,
+another instance starts (up to `max_instances`), else the request waits in a bounded queue
+(full: 429; waited `queue_timeout`: 503). Instances draw CPUs/GPUs from the `ResourcePool` that
+fine-tuning jobs use; when the pool cannot hold one and none runs, the request gets a 503 with
+Retry-After. The reaper stops instances idle for `keep_alive` seconds (keeping `min_instances`),
+frees their share and wakes the job supervisor. Instance lifecycle lives in `scaling.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
+from sllm.jobs.resources import ResourcePool
+from sllm.serve.adapters import (
+    adapter_fingerprint,
+    check_adapter_dir,
+    check_fits_base,
+    resolve_adapter_path,
+)
+from sllm.serve.client import GenerationStream
+from sllm.serve.errors import InstanceError
+from sllm.serve.protocol import (
+    ADAPTER_NAME_RE,
+    DeleteResponse,
+    DeploymentConfig,
+    DeploymentList,
+    DeploymentStatus,
+    DeployRequest,
+    ModelCard,
+    ModelList,
+)
+from sllm.serve.registry import DeploymentRegistry
+from sllm.serve.scaling import Deployment, Instance, Scaler
+
+
+class DeploymentService(Scaler):
+    # --- control -----------------------------------------------------------------------------
+
+    def __init__(
+        self,
+        storage: Path,
+        pool: ResourcePool,
+        wake=lambda: None,
+        registry: DeploymentRegistry | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(storage, pool, wake, **options)
+        self._registry = registry
+        self._control = threading.Lock()
+        self._aclient: httpx.AsyncClient | None = None
+
+    def start(self) -> None:
+        for config, created in self._registry.load() if self._registry else []:
+            self._deps[config.model] = Deployment(config, created, self._fingerprints(config))
+        super().start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self._registry is not None:
+            self._registry.close()
+
+    def deploy(self, req: DeployRequest) -> DeploymentStatus:
+        """Create a deployment or update one; new or replaced adapters are loaded into running
+        instances before this returns, so no later request sees an old version."""
+        with self._control:
+            with self._lock:
+                dep = self._deps.get(req.model)
+                old = dep.config if dep else None
+            config = self._merge(old, req)
+            added = {n: config.lora_adapters[n] for n in req.lora_adapters}
+            fingerprints = self._validate_adapters(config, added)
+            with self._lock:
+                if dep is None:
+                    dep = Deployment(config, time.time(), {})
+                    self._deps[config.model] = dep
+                dep.config = config
+                dep.fingerprints.update(fingerprints)
+                for name in added:
+                    dep.adapter_errors.pop(name, None)
+            if self._registry is not None:
+                self._registry.save(config, dep.created)
+            errors = self.sync_running(dep)
+            self.poke()
+            if errors:
+                name, message = next(iter(errors.items()))
+                raise InvalidRequestError(
+                    f"Adapter {name!r} could not be loaded: {message}", param="lora_adapters"
+                )
+            return self.describe(dep)
+
+    def _merge(self, old: DeploymentConfig | None, req: DeployRequest) -> DeploymentConfig:
+        from sllm.store import has_model
+
+        if not has_model(self.storage, req.model):
+            raise NotFoundError(
+                f"Model {req.model!r} is not in the store at {self.storage}; save it first: "
+                f"sllm-store save --model {req.model} --backend transformers",
+                param="model",
+            )
+        base = old.model_dump() if old else {"model": req.model}
+        fields = req.model_dump(exclude={"lora_adapters"}, exclude_none=True)
+        merged = {**base, **fields}
+        adapters = dict(base.get("lora_adapters") or {})
+        for name, path in req.lora_adapters.items():
+            _check_adapter_name(name, req.model)
+            resolved = resolve_adapter_path(self.storage, name, path)
+            adapters[name] = resolved.relative_to(self.root).as_posix()
+        merged["lora_adapters"] = adapters
+        config = DeploymentConfig.model_validate(merged)
+        self._check_config(config)
+        return config
+
+    def _check_config(self, config: DeploymentConfig) -> None:
+        if config.lora_adapters and not config.enable_lora:
+            raise InvalidRequestError(
+                "`lora_adapters` needs `enable_lora`: true (sllm deploy --enable-lora ...).",
+                param="enable_lora",
+            )
+        if config.min_instances > config.max_instances:
+            raise InvalidRequestError(
+                f"`min_instances` ({config.min_instances}) exceeds `max_instances` "
+                f"({config.max_instances}).",
+                param="min_instances",
+            )
+        if not self.pool.fits_ever(config.num_cpus, config.num_gpus):
+            raise InvalidRequestError(
+                f"An instance asks for {config.num_cpus} CPUs and {config.num_gpus} GPUs, but "
+                f"the server has {self.pool.total_cpus} CPUs and {self.pool.total_gpus} GPUs.",
+                param="num_gpus" if config.num_gpus > self.pool.total_gpus else "num_cpus",
+            )
+        with self._lock:
+            for other in self._deps.values():
+                if other.config.model == config.model:
+                    continue
+                clash = set(config.lora_adapters) & (
+                    set(other.config.lora_adapters) | {other.config.model}
+                )
+                if clash or config.model in other.config.lora_adapters:
+                    name = next(iter(clash), config.model)
+                    raise ConflictError(
+                        f"{name!r} already names a model or adapter of {other.config.model!r}; "
+                        "adapter names must be unique across deployments.",
+                        param="lora_adapters",
+                    )
+
+    def _validate_adapters(self, config: DeploymentConfig, added: dict[str, str]) -> dict:
+        model_dir = self.root / config.model
+        fingerprints = {}
+        for name, rel in added.items():
+            path = self.root / rel
+            try:
+                adapter_config = check_adapter_dir(path)
+                check_fits_base(model_dir, path, adapter_config)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(
+                    f"`lora_adapters.{name}`: {exc.message}", param=f"lora_adapters.{name}"
+                ) from None
+            fingerprints[name] = adapter_fingerprint(path)
+        return fingerprints
+
+    def _fingerprints(self, config: DeploymentConfig) -> dict[str, str]:
+        return {n: adapter_fingerprint(self.root / p) for n, p in config.lora_adapters.items()}
+
+    def delete(self, model: str, adapters: list[str] | None = None) -> DeleteResponse:
+        """Remove some adapters (instances keep running), or the whole deployment."""
+        with self._control:
+            with self._lock:
+                dep = self._get(model)
+                if adapters:
+                    unknown = [a for a in adapters if a not in dep.config.lora_adapters]
+                    if unknown:
+                        raise NotFoundError(
+                            f"{model!r} has no adapter {unknown[0]!r}.", param="lora_adapters"
+                        )
+                    kept = {n: p for n, p in dep.config.lora_adapters.items() if n not in adapters}
+                    dep.config = dep.config.model_copy(update={"lora_adapters": kept})
+                    for name in adapters:
+                        dep.adapter_errors.pop(name, None)
+                else:
+                    del self._deps[model]
+            if adapters:
+                if self._registry is not None:
+                    self._registry.save(dep.config, dep.created)
+                self.sync_running(dep)
+                return DeleteResponse(model=model, deleted="adapters", adapters=adapters)
+            if self._registry is not None:
+                self._registry.delete(model)
+            self.stop_all(dep)
+            return DeleteResponse(model=model, deleted="deployment")
+
+    def _get(self, model: str) -> Deployment:
+        dep = self._deps.get(model)
+        if dep is None:
+            raise NotFoundError(f"The model {model!r} is not deployed.", param="model")
+        return dep
+
+    def status(self, model: str | None = None) -> DeploymentList:
+        with self._lock:
+            deps = [self._get(model)] if model else list(self._deps.values())
+        return DeploymentList(data=[self.describe(d) for d in deps])
+
+    def list_models(self) -> ModelList:
+        cards = []
+        with self._lock:
+            for dep in self._deps.values():
+                m = dep.config.model
+                cards.append(ModelCard(id=m, created=int(dep.created), root=m))
+                for name, path in dep.config.lora_adapters.items():
+                    cards.append(ModelCard(id=name, created=int(dep.created), root=path, parent=m))
+        return ModelList(data=cards)
+
+    def resolve(self, model: str, adapter: str | None) -> tuple[str, str | None]:
+        """(deployment, adapter) for a request; `model` may name an adapter, as in vLLM."""
+        with self._lock:
+            if model not in self._deps:
+                owners = [d for d in self._deps.values() if model in d.config.lora_adapters]
+                if not owners:
+                    raise NotFoundError(f"The model {model!r} is not deployed.", param="model")
+                if adapter not in (None, model):
+                    raise InvalidRequestError(
+                        f"`model` names the adapter {model!r} but `lora_adapter_name` asks for "
+                        f"{adapter!r}.",
+                        param="lora_adapter_name",
+                    )
+                return owners[0].config.model, model
+            dep = self._deps[model]
+            if adapter is not None and adapter not in dep.config.lora_adapters:
+                raise NotFoundError(
+                    f"The model {model!r} has no adapter {adapter!r}.", param="lora_adapter_name"
+                )
+            if adapter is not None and adapter in dep.adapter_errors:
+                raise InstanceError(
+                    f"Adapter {adapter!r} failed to load: {dep.adapter_errors[adapter]}"
+                )
+            return model, adapter
+
+    # --- data path ---------------------------------------------------------------------------
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._aclient is None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+            timeout = httpx.Timeout(None, connect=10.0)
+            self._aclient = httpx.AsyncClient(limits=limits, timeout=timeout)
+        return self._aclient
+
+    async def open(self, model: str, adapter: str | None, payload: dict) -> GenerationStream:
+        """Route one generation: its `start` event is read, so errors surface before streaming."""
+        with self._lock:
+            dep = self._get(model)
+        inst = await self.acquire(dep)
+        try:
+            body = {**payload, "adapter": adapter}
+            return await GenerationStream.open(
+                self._client(), inst.url, body, lambda: self.release(inst)
+            )
+        except BaseException:
+            self.release(inst)
+            raise
+
+
+def _check_adapter_name(name: str, model: str) -> None:
+    if not ADAPTER_NAME_RE.match(name) or name == model or name == "__base__":
+        raise InvalidRequestError(
+            f"Adapter name {name!r} is not allowed: use letters, digits, '.', '_', ':' or '-' "
+            "(not the model's own name).",
+            param="lora_adapters",
+        )
+
+
+__all__ = ["DeploymentService", "Instance"]

@@ -1,0 +1,208 @@
+"""One inference instance: `python -m sllm.serve.instance --storage S --model M --ready-file F`.
+
+It loads the base model from the store, starts the batching engine, and serves a small HTTP API
+on 127.0.0.1 at an ephemeral port, which it announces by writing `{"port", "pid",
+"load_seconds"}` to the ready file once it accepts connections. The server talks to it only:
+
+    GET    /health              model, loaded adapters, in-flight requests, engine stats
+    POST   /adapters            {name, path, fingerprint}: load or replace an adapter
+    DELETE /adapters/{name}     unload an adapter (requests already admitted finish with it)
+    POST   /generate            {messages | prompt, adapter, max_tokens, temperature, top_p,
+                                stop, seed}: NDJSON events, first {"type": "start",
+                                "prompt_tokens": n}, then the engine's events (see engine.py)
+
+Errors use the server's OpenAI-style bodies and status codes. It runs in its own process group,
+pinned by `worker_env`, and dies with the server (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("sllm.instance")
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    adapter: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class AdapterBody(BaseModel):
+    name: str
+    path: str
+    fingerprint: str = ""
+
+
+def create_instance_app(engine: Any, model_name: str, on_ready=None):
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import StreamingResponse
+
+    from sllm.api.errors import install_error_handlers
+    from sllm.errors import InvalidRequestError
+    from sllm.serve.decoding import SamplingParams
+    from sllm.serve.prompts import encode_chat, encode_prompt
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if on_ready is not None:
+            on_ready()
+        yield
+
+    app = FastAPI(title=f"sllm instance {model_name}", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {
+            "status": "ok",
+            "model": model_name,
+            "adapters": engine.adapters.names(),
+            "in_flight": engine.in_flight(),
+            "max_batch_size": engine.max_batch_size,
+            "stats": dict(engine.stats),
+        }
+
+    @app.post("/adapters")
+    def load_adapter(body: AdapterBody) -> dict:
+        return engine.load_adapter(body.name, body.path, body.fingerprint)
+
+    @app.delete("/adapters/{name}")
+    def unload_adapter(name: str) -> dict:
+        engine.unload_adapter(name)
+        return {"name": name, "status": "unloaded"}
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody):
+        if (body.messages is None) == (body.prompt is None):
+            raise InvalidRequestError("Give exactly one of `messages` and `prompt`.")
+        tok = engine.tokenizer
+        if body.messages is not None:
+            ids = await run_in_threadpool(encode_chat, tok, body.messages)
+        else:
+            ids = await run_in_threadpool(encode_prompt, tok, body.prompt)
+        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: dict) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the loop is gone: the instance is stopping
+                pass
+
+        row = engine.submit(ids, params, emit, body.adapter)
+        return StreamingResponse(
+            _events(engine, row, queue, len(ids)), media_type="application/x-ndjson"
+        )
+
+    return app
+
+
+async def _events(engine: Any, row: Any, queue: asyncio.Queue, prompt_tokens: int):
+    try:
+        yield json.dumps({"type": "start", "prompt_tokens": prompt_tokens}) + "\n"
+        while True:
+            event = await queue.get()
+            yield json.dumps(event) + "\n"
+            if event["type"] in ("done", "error"):
+                return
+    finally:
+        if not row.done:
+            engine.cancel(row)
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return "cuda" if visible.strip() and torch.cuda.is_available() else "cpu"
+
+
+def load_engine(args: argparse.Namespace):
+    import torch
+
+    from sllm.serve.engine import Engine
+    from sllm.store import load_model
+
+    threads = int(os.environ.get("SLLM_NUM_CPUS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = pick_device(args.device)
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else None
+    model, tokenizer = load_model(Path(args.storage), args.model, device=device, dtype=dtype)
+    return Engine(model, tokenizer, device=device, max_batch_size=args.max_batch_size).start()
+
+
+def write_ready(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sllm-instance")
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ready-file", required=True, type=Path)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    from sllm.jobs.worker import die_with_parent
+
+    die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    t0 = time.monotonic()
+    engine = load_engine(args)
+    load_seconds = time.monotonic() - t0
+    log.info("loaded %s in %.2fs", args.model, load_seconds)
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
+    port = sock.getsockname()[1]
+
+    def on_ready() -> None:
+        info = {"port": port, "pid": os.getpid(), "load_seconds": load_seconds}
+        write_ready(args.ready_file, info)
+
+    app = create_instance_app(engine, args.model, on_ready)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The server's handle on one instance process: spawn it, wait until it serves, stop its group."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sllm.jobs.launcher import tail, worker_env
+from sllm.jobs.resources import Allocation
+
+
+class InstanceStartError(Exception):
+    pass
+
+
+class InstanceProcess:
+    def __init__(self, workdir: Path, name: str) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.ready_file = workdir / f"{name}.ready.json"
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def spawn(
+        self, storage: Path, model: str, alloc: Allocation, max_batch_size: int, dtype: str
+    ) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
+        env = worker_env(alloc)
+        env["SLLM_PARENT_PID"] = str(os.getpid())
+        cmd = [
+            sys.executable, "-m", "sllm.serve.instance",
+            "--storage", str(storage),
+            "--model", model,
+            "--ready-file", str(self.ready_file),
+            "--max-batch-size", str(max_batch_size),
+            "--dtype", dtype,
+            "--device", "cuda" if alloc.gpu_ids else "cpu",
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+
+    def wait_ready(self, timeout: float, cancelled=lambda: False) -> dict:
+        """The ready file's content once the instance serves; raises if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_file.is_file():
+                return json.loads(self.ready_file.read_text())
+            if self.poll() is not None:
+                raise InstanceStartError(
+                    f"the instance exited with code {self.poll()} while starting:\n"
+                    f"{self.log_tail()}"
+                )
+            if cancelled():
+                raise InstanceStartError("the instance was stopped while starting")
+            time.sleep(0.02)
+        raise InstanceStartError(f"the instance did not start within {timeout:.0f}s")
+
+    def poll(self) -> int | None:
+        return self.proc.poll() if self.proc else 0
+
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM the group, SIGKILL it after `grace` seconds, and reap the process."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal(signal.SIGKILL)  # also any child left in the group
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.ready_file.unlink(missing_ok=True)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 15) -> str:
+        return tail(self.log_path, lines)
