@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sllm.cli import delete as delete_cmd
+from sllm.cli import deploy as deploy_cmd
 from sllm.cli import start as start_cmd
+from sllm.cli import status as status_cmd
 
-COMMANDS = {"start": start_cmd}
+COMMANDS = {"start": start_cmd, "deploy": deploy_cmd, "delete": delete_cmd, "status": status_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:
