@@ -258,6 +258,40 @@ def test_overload_is_429_with_retry_after(world):
     assert_error(rejected, 429, "rate_limit_error")
 
 
+def test_disconnects_cancel_and_crashes_are_reported_in_the_stream(world):
+    import os
+    import signal
+
+    srv = world.server
+    body = {"model": LLAMA, "prompt": "Hello", "max_tokens": 300, "temperature": 0, "stream": True}
+    with srv.client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the client leaves after the first chunk
+    wait = time.monotonic() + 10
+    while (
+        srv.deployment(LLAMA)["instances"][0]["in_flight"]
+        or instance_health(srv, LLAMA)["in_flight"]
+    ):
+        assert time.monotonic() < wait, "the abandoned request was not cancelled"
+        time.sleep(0.05)
+
+    pid = srv.deployment(LLAMA)["instances"][0]["pid"]
+    with srv.client.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(pid, signal.SIGKILL)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["error"]["type"] == "instance_error"
+    deadline = time.monotonic() + 10
+    while srv.deployment(LLAMA)["instances"]:
+        assert time.monotonic() < deadline, "the dead instance is still listed"
+        time.sleep(0.1)
+    assert "exited" in srv.deployment(LLAMA)["last_error"]
+    body["stream"] = False
+    assert srv.client.post("/v1/completions", json=body).status_code == 200  # a new instance
+
+
 def test_cli_failures_exit_nonzero_with_the_servers_message(world):
     srv = world.server
     cases = [
