@@ -56,7 +56,12 @@ class AdapterSet:
     def names(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {
-                n: {"path": v.path, "fingerprint": v.fingerprint, "internal": v.internal}
+                n: {
+                    "path": v.path,
+                    "fingerprint": v.fingerprint,
+                    "internal": v.internal,
+                    "load_seconds": round(v.load_seconds, 4),
+                }
                 for n, v in self._current.items()
             }
 
