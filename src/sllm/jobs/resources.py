@@ -1,7 +1,8 @@
 """CPU and GPU capacity, shared by fine-tuning jobs and inference instances.
 
 Each holder (a job, an instance) gets a count of CPU cores and a set of GPU ids; nobody is given a
-device another holder has.
+device another holder has. On a Ray cluster `sllm.cluster.pool.ClusterPool` plays the same part
+per node, and its allocations name the node they were placed on.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ class Allocation:
     owner: str
     cpus: int
     gpu_ids: tuple[int, ...] = field(default_factory=tuple)
+    node: str | None = None  # the Ray node id, on a cluster
 
     def as_dict(self) -> dict:
-        return {"cpus": self.cpus, "gpu_ids": list(self.gpu_ids)}
+        out: dict = {"cpus": self.cpus, "gpu_ids": list(self.gpu_ids)}
+        if self.node is not None:
+            out["node"] = self.node
+        return out
 
 
 def detect_gpu_ids() -> list[int]:

@@ -1,0 +1,108 @@
+"""Capacity of a Ray cluster, node by node, behind the `ResourcePool` interface.
+
+Ray cannot split one actor over two nodes, so a job of 2 CPUs does not fit two nodes of 1 CPU
+each. The supervisor asks the pool whether a job fits *now*; answering from the cluster's sum
+would move a job to `running` while Ray keeps its actor waiting for room. This pool therefore
+answers per node: `try_acquire` picks a node with room (best fit: the node left with the fewest
+idle GPUs, then CPUs) and the allocation names it, so the launcher pins the actor there and Ray
+starts it at once. Node lists come from `ray.nodes()` (see `sllm.cluster.launcher`); nodes that
+join add room on the next refresh, and nodes that leave take theirs away (allocations already on
+them stay held until their holders end).
+
+The pool is plain Python; it never imports Ray.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from sllm.jobs.resources import Allocation
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    node_id: str
+    cpus: int
+    gpus: int
+    address: str = ""
+
+
+class ClusterPool:
+    def __init__(self, nodes: list[NodeCapacity] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._nodes: dict[str, NodeCapacity] = {}
+        self._held: dict[str, Allocation] = {}
+        self.set_nodes(nodes or [])
+
+    # --- capacity -----------------------------------------------------------------------
+    def set_nodes(self, nodes: list[NodeCapacity]) -> bool:
+        """Replace the node list; True when the capacity changed."""
+        new = {n.node_id: n for n in nodes}
+        with self._lock:
+            changed = new != self._nodes
+            self._nodes = new
+        return changed
+
+    def nodes(self) -> list[NodeCapacity]:
+        with self._lock:
+            return list(self._nodes.values())
+
+    @property
+    def total_cpus(self) -> int:
+        with self._lock:
+            return sum(n.cpus for n in self._nodes.values())
+
+    @property
+    def total_gpus(self) -> int:
+        with self._lock:
+            return sum(n.gpus for n in self._nodes.values())
+
+    @property
+    def gpu_ids(self) -> list[int]:
+        return list(range(self.total_gpus))
+
+    # --- the ResourcePool interface -----------------------------------------------------
+    def fits_ever(self, cpus: int, gpus: int) -> bool:
+        """True if one node of the cluster as it is now could hold the request."""
+        with self._lock:
+            return any(cpus <= n.cpus and gpus <= n.gpus for n in self._nodes.values())
+
+    def free(self) -> tuple[int, list[int]]:
+        """Free CPUs and a count of free GPUs (as ids 0..n-1), summed over live nodes."""
+        with self._lock:
+            room = [self._room_locked(n) for n in self._nodes.values()]
+        return sum(c for c, _ in room), list(range(sum(len(g) for _, g in room)))
+
+    def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
+        with self._lock:
+            if owner in self._held:
+                return self._held[owner]
+            best: tuple[tuple[int, int, int], NodeCapacity, list[int]] | None = None
+            for order, node in enumerate(self._nodes.values()):
+                free_cpus, free_gpus = self._room_locked(node)
+                if cpus > free_cpus or gpus > len(free_gpus):
+                    continue
+                key = (len(free_gpus) - gpus, free_cpus - cpus, order)
+                if best is None or key < best[0]:
+                    best = (key, node, free_gpus)
+            if best is None:
+                return None
+            _, node, free_gpus = best
+            alloc = Allocation(owner, cpus, tuple(free_gpus[:gpus]), node=node.node_id)
+            self._held[owner] = alloc
+            return alloc
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._held.pop(owner, None)
+
+    def held(self) -> dict[str, Allocation]:
+        with self._lock:
+            return dict(self._held)
+
+    def _room_locked(self, node: NodeCapacity) -> tuple[int, list[int]]:
+        on_node = [a for a in self._held.values() if a.node == node.node_id]
+        used_gpus = {g for a in on_node for g in a.gpu_ids}
+        free_cpus = node.cpus - sum(a.cpus for a in on_node)
+        return free_cpus, [g for g in range(node.gpus) if g not in used_gpus]
