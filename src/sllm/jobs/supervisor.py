@@ -3,7 +3,8 @@
 It wakes on events (a submit, a cancel, a worker exit) rather than on a timer, plus at the next
 deadline, so a job submitted to an idle server starts in milliseconds. Each pass:
 
-1. reap workers that exited (completed / failed with the worker's reason or its last log lines);
+1. reap workers that exited (completed / failed with the worker's reason or its last log lines;
+   a worker whose cluster node died is re-queued once, like a job caught by a server restart);
 2. stop workers whose job was cancelled or ran past its timeout (SIGTERM, then SIGKILL);
 3. start pending jobs in order (priority, then age) while they fit; a job that does not fit is
    skipped (backfill) unless it has waited longer than `starvation_s`, in which case nothing
@@ -158,6 +159,10 @@ class Supervisor:
         if rc == 0 and rec.adapter_path:
             self.store.transition(run.job_id, JobStatus.COMPLETED, message="Job completed.")
             return
+        lost = getattr(run.handle, "node_lost", None)  # only cluster handles have it
+        if lost:
+            self._node_lost(rec, lost)
+            return
         if rec.error_message and rec.error_kind == ErrorKind.WORKER_ERROR.value:
             kind, message = rec.error_kind, rec.error_message
         else:
@@ -169,6 +174,24 @@ class Supervisor:
             message = f"{message}\n--- last worker log lines ---\n{last}"
         self.store.transition(
             run.job_id, JobStatus.FAILED, message=message, error_kind=kind, error_message=message
+        )
+
+    def _node_lost(self, rec: JobRecord, reason: str) -> None:
+        """The node running the job died: re-queue it, as a server restart would, or fail it."""
+        kind = ErrorKind.NODE_LOST.value
+        if rec.attempts <= self.max_restarts:
+            self.store.transition(
+                rec.id,
+                JobStatus.PENDING,
+                message=f"{reason} Re-queued.",
+                error_kind=kind,
+                worker_pid=None,
+                progress_json=None,
+            )
+            return
+        message = f"{reason} The job was already re-queued {rec.attempts - 1} time(s); giving up."
+        self.store.transition(
+            rec.id, JobStatus.FAILED, message=message, error_kind=kind, error_message=message
         )
 
     def _enforce_stops(self) -> None:
