@@ -25,14 +25,22 @@ class Services:
     jobs: JobService
     extra: dict[str, Any] = field(default_factory=dict)
     deployments: DeploymentService | None = None
+    cluster: Any = None  # sllm.cluster.launcher.RayCluster with --ray-address
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         storage = settings.storage_path
         (storage / "transformers").mkdir(parents=True, exist_ok=True)
         store = JobStore(db_path(storage))
-        pool = ResourcePool(settings.cpu_capacity(), settings.gpu_ids())
-        launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
+        cluster = None
+        if settings.ray_address:  # the only place Ray is imported, and only when asked for
+            from sllm.cluster.launcher import RayCluster
+
+            cluster = RayCluster(settings.ray_address, store)
+            pool, launcher = cluster.pool, cluster.launcher
+        else:
+            pool = ResourcePool(settings.cpu_capacity(), settings.gpu_ids())
+            launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
         supervisor = Supervisor(
             store,
             launcher,
@@ -44,10 +52,14 @@ class Services:
         jobs = JobService(settings, store, pool, supervisor)
         registry = DeploymentRegistry(db_path(storage))
         deployments = DeploymentService(storage, pool, supervisor.wake, registry)
-        return cls(settings, store, pool, supervisor, jobs, deployments=deployments)
+        return cls(
+            settings, store, pool, supervisor, jobs, deployments=deployments, cluster=cluster
+        )
 
     def start(self) -> None:
         self.supervisor.start()
+        if self.cluster is not None:
+            self.cluster.start(on_change=self.supervisor.wake)
         if self.deployments is not None:
             self.deployments.start()
 
@@ -55,4 +67,6 @@ class Services:
         if self.deployments is not None:
             self.deployments.stop()
         self.supervisor.stop()
+        if self.cluster is not None:
+            self.cluster.close()
         self.store.close()

@@ -1,0 +1,139 @@
+"""The Ray actor that runs one job's worker process on whichever node Ray placed it.
+
+It spawns `python -m sllm.jobs.worker --report-fd N` in a new session (process group) on its
+node, hands it the job spec on stdin and collects the worker's reports (progress, events, result,
+error) from the pipe; the head pulls them with `next_reports` and writes them to SQLite, so only
+the head ever opens the database. `signal` stops the whole group; the worker also dies with the
+actor (PR_SET_PDEATHSIG), so when Ray kills the actor, or its node or the server's driver
+goes away, no training is left running.
+
+This module is imported on the nodes by Ray; it imports Ray only inside the actor's methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from sllm.jobs.launcher import tail
+
+_EOF = object()
+SIGNALS = {"TERM": signal.SIGTERM, "KILL": signal.SIGKILL}
+# Passed from the server's environment to the worker, which runs in the node's environment.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def node_env(num_cpus: int, forwarded: dict[str, str]) -> dict[str, str]:
+    """The node's environment, pinned to what Ray granted: its GPUs and `num_cpus` threads."""
+    import ray
+
+    env = {**os.environ, **forwarded}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ray.get_gpu_ids())
+    threads = str(max(1, num_cpus))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "SLLM_NUM_CPUS"):
+        env[var] = threads
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["SLLM_PARENT_PID"] = str(os.getpid())
+    return env
+
+
+class JobRunner:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+        self._reports: queue.Queue = queue.Queue()
+        self._reader: threading.Thread | None = None
+
+    def start(self, spec: dict[str, Any], forwarded: dict[str, str]) -> dict[str, Any]:
+        """Spawn the worker; returns where it runs (node id, address, host name, pid)."""
+        import ray
+
+        job_dir = Path(spec["storage_path"]) / "_jobs" / self.job_id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = job_dir / "worker.log"
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "sllm.jobs.worker", "--report-fd", str(write_fd), self.job_id]
+        try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=node_env(spec["num_cpus"], forwarded),
+                    start_new_session=True,
+                    pass_fds=(write_fd,),
+                )
+        finally:
+            os.close(write_fd)
+        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
+        self._reader.start()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(spec).encode())
+        self.proc.stdin.close()
+        return {
+            "pid": self.proc.pid,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "address": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+        }
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                try:
+                    self._reports.put(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn line from a killed worker
+        self._reports.put(_EOF)
+
+    def next_reports(self, wait_s: float) -> dict[str, Any]:
+        """Reports so far (waiting up to `wait_s` for the first); `rc` is set once it exited."""
+        items, eof = self._collect(wait_s)
+        assert self.proc is not None
+        if eof and self.proc.poll() is None:
+            try:  # the pipe closed first; the exit follows at once
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                self._reports.put(_EOF)
+                return {"reports": items, "rc": None}
+        rc = self.proc.poll()
+        if rc is None:
+            return {"reports": items, "rc": None}
+        if not eof and self._reader is not None:
+            self._reader.join(timeout=2.0)  # the last lines are still in the pipe
+            items += self._collect(0)[0]
+        return {"reports": items, "rc": rc, "log_tail": self.log_tail(20)}
+
+    def _collect(self, wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        items: list[dict[str, Any]] = []
+        try:
+            item = self._reports.get(timeout=wait_s) if wait_s > 0 else self._reports.get_nowait()
+            while item is not _EOF:
+                items.append(item)
+                item = self._reports.get_nowait()
+            return items, True
+        except queue.Empty:
+            return items, False
+
+    def signal(self, name: str) -> None:
+        """SIGTERM or SIGKILL the worker's whole process group."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, SIGNALS[name])
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 20) -> str:
+        return tail(self.log_path, lines) if self.log_path else ""
