@@ -23,7 +23,10 @@ class Settings(BaseModel):
     starvation_s: float = Field(600.0, description="Wait after which a job reserves resources.")
     kill_grace_s: float = Field(5.0, description="SIGTERM-to-SIGKILL grace when stopping a job.")
     max_restarts: int = Field(1, description="Re-queues of a running job after a server crash.")
-    ray_address: str | None = Field(None, description="Run work on this Ray cluster.")
+    ray_address: str | None = Field(
+        None,
+        description="Run jobs on this Ray cluster (`host:port`, `auto`, `local`); None: no Ray.",
+    )
 
     def resolved_data_roots(self) -> list[Path]:
         roots = self.data_roots or [self.storage_path, Path(os.getcwd())]

@@ -20,7 +20,13 @@ def add_parser(sub) -> None:
         help="Directory local datasets may be read from (repeatable; default: storage and cwd).",
     )
     p.add_argument("--starvation-seconds", type=float, default=600.0)
-    p.add_argument("--ray-address", default=None, help="Place work on this Ray cluster.")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Run fine-tuning jobs on this Ray cluster (host:port, 'auto' for the one started "
+        "on this machine, 'local' for a private one); capacity then comes from its nodes and "
+        "--num-cpus/--num-gpus are ignored. Default: this machine only, without Ray.",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -33,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from sllm.paths import storage_path
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.ray_address and (args.num_cpus is not None or args.num_gpus is not None):
+        logging.getLogger("sllm").warning(
+            "--num-cpus/--num-gpus are ignored with --ray-address: the cluster's nodes say what "
+            "there is"
+        )
     settings = Settings(
         host=args.host,
         port=args.port,
