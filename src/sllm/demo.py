@@ -174,22 +174,48 @@ def main(argv: list[str] | None = None) -> int:
         job_id = submit(server, config)
         body = follow(server, job_id)
         show_adapter(body)
-        serve_step = _serving_step()
-        if serve_step:
-            serve_step(server, model, body, console)
+        deploy_and_chat(server, model, body)
     finally:
         server.stop()
     console.rule(f"[bold green]done in {time.monotonic() - started:.0f} s")
     return 0
 
 
-def _serving_step():
-    """Step 5 (deploy + chat) lives with the serving package; absent until it is installed."""
-    try:
-        from sllm.serve.demo import deploy_and_chat
-    except ImportError:
-        return None
-    return deploy_and_chat
+def deploy_and_chat(server: ServerProcess, model: str, body: dict) -> None:
+    """Step 5 of the seed: deploy the base model with the fresh adapter, ask both one question."""
+    output_dir = body["status"]["config"]["backend_config"]["output_dir"]
+    adapters = f"pirate={output_dir}"
+    cmd = ["sllm", "deploy", "--model", model, "--backend", "transformers", "--enable-lora"]
+    cmd += ["--lora-adapters", adapters, "--keep-alive", "60"]
+    shown = f"sllm deploy --model {model} --backend transformers --enable-lora"
+    shown += f' --lora-adapters "{adapters}"'
+    _step(5, "deploy the adapter and chat", shown)
+    env = {**os.environ, "LLM_SERVER_URL": server.url}
+    deploy = [sys.executable, "-m", "sllm.cli.main", *cmd[1:]]
+    result = subprocess.run(deploy, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"deploy failed: {result.stderr.strip()}")
+    table = Table(title=f"Q: {QUESTION}", show_lines=True)
+    table.add_column(f"base model ({model})", ratio=1)
+    table.add_column("with adapter `pirate`", ratio=1)
+    answers = []
+    for adapter in (None, "pirate"):
+        request = {
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 48,
+            "temperature": 0,
+        }
+        if adapter:
+            request["lora_adapter_name"] = adapter
+        start = time.monotonic()
+        r = server.client.post("/v1/chat/completions", json=request, timeout=300)
+        if r.status_code != 200:
+            raise SystemExit(f"chat failed ({r.status_code}): {r.text}")
+        answers.append(r.json()["choices"][0]["message"]["content"].strip())
+        console.print(f"[dim]{adapter or 'base'} answered in {time.monotonic() - start:.1f} s")
+    table.add_row(*answers)
+    console.print(table)
 
 
 if __name__ == "__main__":
