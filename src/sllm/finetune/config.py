@@ -21,6 +21,9 @@ from sllm.errors import InvalidRequestError
 P = "backend_config"
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
+# Token budget of a `token_budget` batch when the config gives none: GPUs want big batches; on a
+# CPU a bigger batch buys nothing and its logits alone take 4 bytes x vocab per token.
+DEFAULT_TOKENS_PER_BATCH = {"cuda": 16384, "cpu": 4096}
 
 # Keys of `lora_config` the user leaves out take these values.
 DEFAULT_LORA_CONFIG: dict[str, Any] = {
@@ -104,6 +107,26 @@ class BackendConfig(BaseModel):
         gt=0,
         description="Longer texts are truncated; default min(model max_position_embeddings, 1024).",
     )
+    batching: Literal["padding_free", "padded", "token_budget"] = Field(
+        "padding_free",
+        description="How rows become batches. `padding_free` (default): the same rows per step as "
+        "`per_device_train_batch_size` gives, concatenated into one row with positions restarting "
+        "per sequence and no attention across sequences, so no compute goes to padding and the "
+        "loss equals the padded one; on a model where a packed forward does not reproduce "
+        "per-sequence logits (checked when the job starts) it falls back to padded batches of "
+        "similar lengths (`train_sampling_strategy=group_by_length`). `padded`: plain padded "
+        "batches (the Trainer's usual behaviour). `token_budget`: throughput mode, each batch "
+        "holds as many rows as fit in `tokens_per_batch` tokens (`per_device_train_batch_size` "
+        "is then ignored, so steps, and the rows per step, differ from the padded run).",
+    )
+    tokens_per_batch: int | None = Field(
+        None,
+        ge=16,
+        description="`token_budget` only: tokens per batch (per device, before gradient "
+        f"accumulation); default {DEFAULT_TOKENS_PER_BATCH['cuda']} on a GPU, "
+        f"{DEFAULT_TOKENS_PER_BATCH['cpu']} on CPU (at least the longest row). Must be at least "
+        "`max_seq_length`.",
+    )
 
 
 def default_output_dir(model: str) -> str:
@@ -156,6 +179,38 @@ def check_dataset_extras(extras: dict[str, Any], *, local: bool) -> None:
                     f"`{param}` must be a relative directory inside the dataset repository.",
                     param=param,
                 )
+
+
+def check_batching(cfg: BackendConfig) -> None:
+    """The batching keys agree with each other."""
+    param = f"{P}.tokens_per_batch"
+    if cfg.batching != "token_budget":
+        if cfg.tokens_per_batch is not None:
+            raise InvalidRequestError(
+                f"`{param}` applies to `{P}.batching`='token_budget' only (got "
+                f"{cfg.batching!r}); set that too, or leave `tokens_per_batch` out.",
+                param=param,
+            )
+        return
+    budget = cfg.tokens_per_batch
+    if budget is not None and cfg.max_seq_length is not None and budget < cfg.max_seq_length:
+        raise InvalidRequestError(
+            f"`{param}`={budget} is smaller than `{P}.max_seq_length`={cfg.max_seq_length}, so "
+            "the longest rows would fit in no batch; raise it or lower max_seq_length.",
+            param=param,
+        )
+
+
+def token_budget(cfg: BackendConfig, *, device: str, max_seq_length: int) -> int | None:
+    """The run's tokens per batch: None unless `token_budget`; the config's value, else the
+    device's default raised to the longest row."""
+    if cfg.batching != "token_budget":
+        return None
+    if cfg.tokens_per_batch is not None:
+        return cfg.tokens_per_batch
+    return max(
+        DEFAULT_TOKENS_PER_BATCH.get(device, DEFAULT_TOKENS_PER_BATCH["cpu"]), max_seq_length
+    )
 
 
 # ---------------------------------------------------------------------------------------------

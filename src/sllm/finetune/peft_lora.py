@@ -21,23 +21,32 @@ from typing import Any
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import JobSpec, Reporter, TrainResult, ValidationContext
+from sllm.finetune.batching import plan_batching
 from sllm.finetune.config import (
     DEFAULT_MAX_SEQ_LENGTH,
     BackendConfig,
     P,
     build_lora_config,
     build_training_arguments,
+    check_batching,
     check_training_config,
     check_training_keys,
     default_output_dir,
     lora_config_with_defaults,
     parse_backend_config,
+    token_budget,
 )
 from sllm.finetune.data import (
     check_dataset_config,
     describe_dataset,
     load_training_dataset,
     tokenize_dataset,
+)
+from sllm.finetune.speed import (
+    choose_precision,
+    configure_threads,
+    make_trainer,
+    training_overrides,
 )
 from sllm.paths import backend_root, jobs_dir, model_dir, resolve_inside
 
@@ -58,7 +67,8 @@ class PeftLoraBackend:
 
         Returned keys: output_dir (relative to `$STORAGE_PATH/transformers`), dataset_config
         (local paths made absolute, extension normalised), lora_config (defaults merged),
-        training_config (as given), max_seq_length (None means: decided from the model).
+        training_config (as given), max_seq_length (None means: decided from the model),
+        batching, tokens_per_batch (None means: the device's default, see `token_budget`).
         """
         cfg = parse_backend_config(backend_config)
         storage = Path(ctx.storage_path)
@@ -67,6 +77,7 @@ class PeftLoraBackend:
         check_output_target(target, storage, ctx.model)
 
         dataset = check_dataset_config(cfg.dataset_config, list(ctx.data_roots))
+        check_batching(cfg)
 
         lora = lora_config_with_defaults(cfg.lora_config)
         lora_obj = build_lora_config(lora)
@@ -89,6 +100,8 @@ class PeftLoraBackend:
             "lora_config": lora,
             "training_config": dict(cfg.training_config),
             "max_seq_length": cfg.max_seq_length,
+            "batching": cfg.batching,
+            "tokens_per_batch": cfg.tokens_per_batch,
         }
 
     # ------------------------------------------------------------------ run (worker process)
@@ -108,30 +121,37 @@ class PeftLoraBackend:
         lora_obj = build_lora_config(lora)
         check_training_keys(cfg.training_config)
 
-        torch.set_num_threads(max(1, int(spec.num_cpus)))
+        check_batching(cfg)
+        threads = configure_threads(spec.num_cpus)
         use_cuda = spec.num_gpus > 0 and torch.cuda.is_available()
         device = "cuda" if use_cuda else "cpu"
         if spec.num_gpus > 0 and not use_cuda:
             reporter.event("warning", "GPUs were requested but CUDA is not available; using CPU.")
+        precision = choose_precision(cfg.training_config, use_cuda=use_cuda)
 
         scratch = jobs_dir(storage) / spec.job_id / "trainer"
         scratch.mkdir(parents=True, exist_ok=True)
-        overrides = training_overrides(cfg.training_config, use_cuda=use_cuda)
+        overrides = {
+            **training_overrides(cfg.training_config, use_cuda=use_cuda),
+            **precision.overrides,
+        }
         args = build_training_arguments(cfg.training_config, scratch, **overrides)
 
         reporter.event("info", f"Loading base model {spec.model!r} on {device}.")
         from sllm.store.loader import load_model, read_manifest
 
-        # Train in float32 on CPU (half precision there is slow and numerically poor); keep the
-        # stored dtype on GPU, where PEFT keeps the adapter weights in float32.
         model, tokenizer = load_model(
-            storage, spec.model, device=device, dtype=None if use_cuda else torch.float32
+            storage, spec.model, device=device, dtype=precision.load_dtype
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         saved_padding_side = tokenizer.padding_side
         tokenizer.padding_side = "right"
         max_len = resolve_max_seq_length(cfg.max_seq_length, model.config, reporter)
+        budget = token_budget(cfg, device=device, max_seq_length=max_len)
+        if budget is not None and max_len > budget:
+            reporter.event("warning", f"Rows are truncated to tokens_per_batch ({budget}).")
+            max_len = budget
 
         _quiet_datasets()
         ds_cfg = cfg.dataset_config
@@ -148,21 +168,44 @@ class PeftLoraBackend:
         )
 
         from peft import get_peft_model
-        from transformers import Trainer
 
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False
         if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+        from transformers import set_seed
+
+        set_seed(args.seed)  # LoRA's random init follows the job's seed, like the rest
         peft_model = get_peft_model(model, lora_obj)
         trainable, total = peft_model.get_nb_trainable_parameters()
 
+        plan = plan_batching(
+            cfg.batching,
+            peft_model,
+            tokenizer,
+            train_set,
+            cfg.training_config,
+            device=torch.device(device),
+            autocast_dtype=precision.autocast_dtype,
+            tokens_per_batch=budget,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+        if plan.overrides:
+            overrides.update(plan.overrides)
+            args = build_training_arguments(cfg.training_config, scratch, **overrides)
+        speed = {
+            **plan.describe(),
+            "precision": precision.name,
+            "cpu_threads": None if use_cuda else threads,
+        }
+        reporter.event("info", plan.summary(), speed)
+
         tracker = TrainingTracker(reporter)
-        trainer = Trainer(
+        trainer = make_trainer(
             model=peft_model,
             args=args,
-            train_dataset=train_set,
-            data_collator=make_data_collator(tokenizer),
+            train_dataset=plan.train_dataset,
+            data_collator=plan.collator,
             processing_class=tokenizer,
             callbacks=[make_progress_callback(tracker)],
         )
@@ -197,6 +240,7 @@ class PeftLoraBackend:
             "lora_config": lora,
             "training_config": dict(cfg.training_config),
             "training_overrides": overrides,
+            "speed": speed,
             "dataset_config": ds_cfg.model_dump(),
             "loss_history": tracker.loss_history,
             "final_loss": final_loss,
@@ -223,33 +267,6 @@ class PeftLoraBackend:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def make_data_collator(tokenizer):
-    """How examples become batches; the one place to swap in padding-free batching."""
-    from transformers import DataCollatorForLanguageModeling
-
-    return DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-
-
-def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> dict[str, Any]:
-    """TrainingArguments the backend sets itself (forced) or defaults (when the user did not)."""
-    forced: dict[str, Any] = {
-        "report_to": "none",
-        "include_num_input_tokens_seen": "non_padding",
-    }
-    if not use_cuda:
-        forced["use_cpu"] = True
-    defaults: dict[str, Any] = {
-        "logging_steps": 1,  # a loss point every step unless asked otherwise
-        "save_strategy": "no",  # the adapter is saved by the backend; checkpoints are opt-in
-        "disable_tqdm": True,  # progress goes to the job record, not to the worker's log
-    }
-    if not use_cuda:
-        defaults["dataloader_pin_memory"] = False
-    out = {k: v for k, v in defaults.items() if k not in training_config}
-    out.update(forced)
-    return out
 
 
 class TrainingTracker:
@@ -518,4 +535,4 @@ def _round(value: Any, ndigits: int) -> float | None:
     return None if value is None else round(value, ndigits)
 
 
-__all__ = ["BackendConfig", "PeftLoraBackend", "make_data_collator", "save_adapter_atomically"]
+__all__ = ["BackendConfig", "PeftLoraBackend", "save_adapter_atomically", "training_overrides"]

@@ -1,0 +1,105 @@
+"""How the `peft_lora` job uses its hardware: threads, precision, and a step loop without syncs.
+
+- CPU: one intra-op thread per CPU the job was given (never more than this process may use).
+- CUDA: bf16 weights and autocast where the GPU supports bf16 and the user did not choose a
+  precision; no host-device synchronisation inside the step loop: trained tokens are counted on
+  the host by the collator (not with `.item()` on a device tensor), host-to-device copies are
+  pinned and non-blocking, the NaN/Inf loss filter (a sync per micro-step) is off, and the loss
+  is read back every 10 steps rather than every step (all unless the user set those options).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sllm.finetune.packing import NUM_TOKENS
+
+CUDA_LOGGING_STEPS = 10
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(num_cpus: int) -> int:
+    """Size torch's intra-op pool to the job's CPUs; returns the thread count used."""
+    import torch
+
+    threads = max(1, min(int(num_cpus or 1), available_cpus()))
+    torch.set_num_threads(threads)
+    return threads
+
+
+@dataclass
+class Precision:
+    name: str  # "fp32", "bf16", "fp16" or "stored"
+    load_dtype: Any  # what `load_model` is given (None: the stored dtype)
+    autocast_dtype: Any  # the dtype the Trainer autocasts to, or None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_precision(training_config: dict[str, Any], *, use_cuda: bool) -> Precision:
+    """CPU trains in float32 (half precision there is slow and numerically poor) unless the user
+    asks for bf16 autocast. CUDA keeps the user's `fp16`/`bf16` choice; when there is none and the
+    GPU supports bf16, the frozen base weights are loaded in bf16 and the step autocasts to bf16
+    (the LoRA weights stay float32)."""
+    import torch
+
+    fp16 = bool(training_config.get("fp16"))
+    bf16 = training_config.get("bf16")
+    if not use_cuda:
+        return Precision(
+            "bf16" if bf16 else "fp32", torch.float32, torch.bfloat16 if bf16 else None
+        )
+    if fp16:
+        return Precision("fp16", None, torch.float16)
+    if bf16 is False:
+        return Precision("stored", None, None)
+    if bf16 or torch.cuda.is_bf16_supported():
+        overrides = {} if bf16 else {"bf16": True}
+        return Precision("bf16", torch.bfloat16, torch.bfloat16, overrides)
+    return Precision("stored", None, None)
+
+
+def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> dict[str, Any]:
+    """TrainingArguments the backend sets itself (forced) or defaults (when the user did not)."""
+    forced: dict[str, Any] = {
+        "report_to": "none",
+        # Trained tokens are counted on the host from the collator's batches (`make_trainer`).
+        "include_num_input_tokens_seen": "no",
+    }
+    if not use_cuda:
+        forced["use_cpu"] = True
+    defaults: dict[str, Any] = {
+        "logging_steps": CUDA_LOGGING_STEPS if use_cuda else 1,  # a loss point per logging step
+        "save_strategy": "no",  # the adapter is saved by the backend; checkpoints are opt-in
+        "disable_tqdm": True,  # progress goes to the job record, not to the worker's log
+    }
+    if use_cuda:
+        defaults["logging_nan_inf_filter"] = False  # `torch.isnan(loss)` in an `if`: a sync
+        defaults["accelerator_config"] = {"non_blocking": True}  # with pinned memory
+    else:
+        defaults["dataloader_pin_memory"] = False
+    out = {k: v for k, v in defaults.items() if k not in training_config}
+    out.update(forced)
+    return out
+
+
+def make_trainer(**kwargs):
+    """A `transformers.Trainer` that takes each batch's trained-token count (a host-side int the
+    collator put there) out of the batch and adds it to `state.num_input_tokens_seen`."""
+    from transformers import Trainer
+
+    class SllmTrainer(Trainer):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            for batch in batches:
+                self.state.num_input_tokens_seen += int(batch.pop(NUM_TOKENS, 0) or 0)
+            return batches, num_items
+
+    return SllmTrainer(**kwargs)

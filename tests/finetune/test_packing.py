@@ -1,0 +1,139 @@
+"""Padding-free batching pieces: the collators, token-budget packs, and the per-model probe."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from sllm.finetune import packing
+
+
+def test_flat_collator_concatenates_with_per_sequence_positions_and_labels():
+    collate = packing.FlatCollator(pad_token_id=2)
+    batch = collate([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 2, 9, 10]}, {"input_ids": []}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 2, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+    # the first token of each sequence is never a target; pad-token targets are dropped, as the
+    # padded baseline (`DataCollatorForLanguageModeling`) drops them
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, 9, 10]]
+    assert batch[packing.SEQ_LENS] == [3, 4]
+    assert batch[packing.NUM_TOKENS] == 7
+    assert packing.CU_SEQLENS not in batch and "attention_mask" not in batch
+
+
+def test_flat_collator_varlen_kernel_gets_cumulative_lengths():
+    batch = packing.FlatCollator(0, packing.KERNEL_VARLEN)(
+        [{"input_ids": [1] * 5}, {"rows": [[3] * 70]}]
+    )
+    assert batch[packing.CU_SEQLENS].tolist() == [0, 5, 75]
+    assert batch[packing.MAX_SEQLEN] == 128  # rounded up to a multiple of 64
+    assert packing.SEQ_LENS not in batch
+
+
+def test_padded_collator_counts_real_tokens(tiny_tokenizer):
+    batch = packing.PaddedCollator(tiny_tokenizer)(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]},
+            {"input_ids": [8], "attention_mask": [1]},
+        ]
+    )
+    assert batch["input_ids"].shape == (2, 3) and batch[packing.NUM_TOKENS] == 4
+    packs = packing.PaddedCollator(tiny_tokenizer)([{"rows": [[5, 6], [7, 8, 9]]}])
+    assert packs["input_ids"].shape == (2, 3) and packs[packing.NUM_TOKENS] == 5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_packs_respect_the_budget_and_use_every_row_once(padded):
+    rng = random.Random(0)
+    lengths = [rng.randint(20, 400) for _ in range(300)] + [900]
+    packs = packing.build_packs(lengths, 1024, seed=1, padded=padded)
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+    for pack in packs:
+        cost = (
+            len(pack) * max(lengths[i] for i in pack) if padded else sum(lengths[i] for i in pack)
+        )
+        assert cost <= 1024 or len(pack) == 1
+    assert [p for p in packs if 300 in p] == [[300]] or not padded  # the long row, alone if padded
+    # nearly full: the waste is at most one row per pack
+    used = sum(lengths) / (len(packs) * 1024)
+    assert used > (0.75 if padded else 0.85)
+    assert packs == packing.build_packs(lengths, 1024, seed=1, padded=padded)  # deterministic
+    assert packs != packing.build_packs(lengths, 1024, seed=2, padded=padded)
+
+
+def test_pack_dataset_reads_rows_lazily():
+    ds = packing.PackDataset([[1, 2], [3], [4, 5, 6]], [[2, 0], [1]])
+    assert len(ds) == 2
+    assert ds[0] == {"rows": [[4, 5, 6], [1, 2]]} and ds[1] == {"rows": [[3]]}
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from sllm.testing import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def _model(arch: str, tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sllm.testing import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path_factory.mktemp(arch) / "m", arch=arch)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_packed_forward_matches_separate_forwards_with_sllm_attention(arch, tmp_path_factory):
+    """Per-sequence logits of a packed row equal those of each sequence run alone."""
+    import torch
+
+    model = _model(arch, tmp_path_factory)
+    model.set_attn_implementation(packing.register_attention())
+    model.eval()
+    rows = [[5, 9, 11, 40, 7], [3, 3, 8, 100, 6, 6, 42, 17], [12, 13]]
+    batch = packing.FlatCollator(2)([{"input_ids": r} for r in rows])
+    batch.pop(packing.NUM_TOKENS)
+    batch.pop("labels")
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([r])).logits[0] for r in rows])
+    assert (packed - alone).abs().max().item() < 1e-4
+    result = packing.probe(model, packing.FlatCollator(2), device="cpu")
+    assert result.ok and result.max_error < 1e-4, result
+
+
+def test_probe_catches_opt_attending_across_sequences(tmp_path_factory):
+    """OPT's own attention ignores the sequence boundaries of a packed row: not supported."""
+    model = _model("opt", tmp_path_factory)
+    assert model.config._attn_implementation == "sdpa"
+    result = packing.probe(model, packing.FlatCollator(2), device="cpu")
+    assert not result.ok
+    assert result.max_error > 100 * result.tolerance
+    assert "differ" in result.reason
+
+
+def test_llama_stock_attention_is_exact_too(tmp_path_factory):
+    """transformers detects packed rows from position ids for llama: the probe says so."""
+    result = packing.probe(_model("llama", tmp_path_factory), packing.FlatCollator(2), device="cpu")
+    assert result.ok, result
+
+
+def test_probe_reports_a_crash_instead_of_raising(tmp_path_factory):
+    model = _model("llama", tmp_path_factory)
+    model.set_attn_implementation(packing.register_attention())
+    model.train()
+
+    class Broken(packing.FlatCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            batch[packing.SEQ_LENS] = [1]  # lengths that do not add up to the row
+            return batch
+
+    result = packing.probe(model, Broken(2), device="cpu")
+    assert not result.ok and result.max_error is None and result.reason
+    assert model.training is True  # mode restored
