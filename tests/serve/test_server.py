@@ -263,6 +263,7 @@ def test_disconnects_cancel_and_crashes_are_reported_in_the_stream(world):
     import signal
 
     srv = world.server
+    srv.cli("deploy", "--model", LLAMA, "--keep-alive", "60")  # no reaping during the test
     body = {"model": LLAMA, "prompt": "Hello", "max_tokens": 300, "temperature": 0, "stream": True}
     with srv.client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -275,7 +276,9 @@ def test_disconnects_cancel_and_crashes_are_reported_in_the_stream(world):
         assert time.monotonic() < wait, "the abandoned request was not cancelled"
         time.sleep(0.05)
 
-    pid = srv.deployment(LLAMA)["instances"][0]["pid"]
+    (instance,) = srv.deployment(LLAMA)["instances"]
+    assert instance["state"] == "ready"
+    pid = instance["pid"]
     with srv.client.stream("POST", "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")

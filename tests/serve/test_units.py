@@ -98,3 +98,19 @@ def test_requests_refuse_what_they_cannot_honour():
     ok = ChatCompletionRequest(model="m", messages=msgs, user="ignored", max_completion_tokens=3)
     assert ok.token_limit() == 3 and ok.stop_list() == []
     assert CompletionRequest(model="m", prompt=["only"]).prompt == "only"
+
+
+def test_invalid_bytes_are_not_held_until_the_end():
+    class ByteTokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", "replace")
+
+    t = TextTracker(ByteTokenizer(), [])
+    for b in "é".encode():  # a 2-byte character arrives whole
+        t.add(b)
+    assert t.take() == "é"
+    sent = ""
+    for _ in range(8):  # lone continuation bytes never complete a character
+        t.add(0x80)
+        sent += t.take()
+    assert sent.startswith("\ufffd")

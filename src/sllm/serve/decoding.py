@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# A UTF-8 character spans at most 4 byte tokens; text that still ends in U+FFFD after that many
+# tokens holds invalid bytes for good and is sent as it is (else it would wait until the end).
+MAX_CHAR_TOKENS = 4
+
 
 @dataclass
 class SamplingParams:
@@ -90,8 +94,11 @@ class TextTracker:
         self.ids.append(token_id)
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         new_text = self._decode(self.ids[self._prefix :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
-            return  # an incomplete character: wait for the next token
+        pending = len(self.ids) - self._read
+        if len(new_text) <= len(prefix_text) or (
+            new_text.endswith("\ufffd") and pending < MAX_CHAR_TOKENS
+        ):
+            return  # maybe an incomplete character: wait for the next token(s)
         before = len(self.text)
         self.text += new_text[len(prefix_text) :]
         self._prefix, self._read = self._read, len(self.ids)

@@ -44,7 +44,8 @@ from sllm.serve.protocol import (
     ModelList,
 )
 from sllm.serve.registry import DeploymentRegistry
-from sllm.serve.scaling import Deployment, Instance, Scaler
+from sllm.serve.scaling import Scaler
+from sllm.serve.state import Deployment, Instance
 
 
 class DeploymentService(Scaler):

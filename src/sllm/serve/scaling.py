@@ -1,7 +1,7 @@
 """Instance lifecycle for `DeploymentService`: cold start, routing slots, adapter sync, reaping.
 
-States of an instance: starting -> ready -> stopping (then gone), or starting -> failed (gone).
-All state lives under one lock; slow work (spawning, HTTP, killing) happens outside it.
+All state (`sllm.serve.state`) lives under one lock; slow work (spawning, HTTP, killing) happens
+outside it.
 """
 
 from __future__ import annotations
@@ -10,68 +10,22 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from sllm.errors import NotFoundError, OverloadedError, SllmError
-from sllm.jobs.resources import Allocation, ResourcePool
+from sllm.jobs.resources import ResourcePool
 from sllm.paths import backend_root
 from sllm.serve.client import control
 from sllm.serve.errors import ColdStartError, QueueFullError
 from sllm.serve.notify import Notifier
 from sllm.serve.process import InstanceProcess
-from sllm.serve.protocol import (
-    AdapterStatus,
-    DeploymentConfig,
-    DeploymentStatus,
-    InstanceStatus,
-)
+from sllm.serve.protocol import DeploymentStatus
+from sllm.serve.state import Deployment, Instance, describe
 
 log = logging.getLogger(__name__)
 CAPACITY_RETRY_S = 5.0
-
-
-@dataclass
-class Instance:
-    id: str
-    owner: str
-    alloc: Allocation
-    proc: InstanceProcess
-    max_batch_size: int
-    state: str = "starting"
-    port: int | None = None
-    in_flight: int = 0
-    started_time: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    cold_start_s: float | None = None
-    error: str | None = None
-    loaded: dict[str, str] = field(default_factory=dict)  # name -> path|fingerprint
-    sync_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def live(self) -> bool:
-        return self.state in ("starting", "ready")
-
-
-@dataclass
-class Deployment:
-    config: DeploymentConfig
-    created: float
-    fingerprints: dict[str, str]
-    adapter_errors: dict[str, str] = field(default_factory=dict)
-    instances: list[Instance] = field(default_factory=list)
-    counter: int = 0
-    queued: int = 0
-    last_error: str | None = None
-
-    def live(self) -> list[Instance]:
-        return [i for i in self.instances if i.live]
 
 
 class Scaler:
@@ -366,48 +320,9 @@ class Scaler:
             inst.state = "stopping"
         return out
 
-    # --- status ------------------------------------------------------------------------------
-
     def describe(self, dep: Deployment) -> DeploymentStatus:
-        now = time.monotonic()
         with self._lock:
-            instances = [_instance_status(i, now) for i in dep.instances]
-            adapters = [
-                AdapterStatus(
-                    name=n,
-                    path=p,
-                    state="failed" if n in dep.adapter_errors else "deployed",
-                    error=dep.adapter_errors.get(n),
-                )
-                for n, p in dep.config.lora_adapters.items()
-            ]
-            states = {i.state for i in instances}
-            state = "warm" if "ready" in states else "starting" if "starting" in states else "cold"
-            return DeploymentStatus(
-                model=dep.config.model,
-                state=state,
-                config=dep.config,
-                adapters=adapters,
-                instances=instances,
-                queued=dep.queued,
-                last_error=dep.last_error,
-            )
-
-
-def _instance_status(inst: Instance, now: float) -> InstanceStatus:
-    return InstanceStatus(
-        id=inst.id,
-        state=inst.state,
-        pid=inst.proc.pid,
-        port=inst.port,
-        in_flight=inst.in_flight,
-        cpus=inst.alloc.cpus,
-        gpu_ids=list(inst.alloc.gpu_ids),
-        started_time=inst.started_time,
-        cold_start_seconds=inst.cold_start_s,
-        idle_seconds=None if inst.in_flight else round(now - inst.last_used, 3),
-        adapters=sorted(inst.loaded),
-    )
+            return describe(dep, time.monotonic())
 
 
 def _queue_full(dep: Deployment) -> OverloadedError:
