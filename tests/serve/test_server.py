@@ -93,6 +93,13 @@ def test_answers_equal_peft_and_adapters_change_them(world):
     assert base == peft_generate(storage, OPT, None, QUESTION, 12)
     seed_adapter = storage / "transformers" / SEED_ADAPTER
     assert tuned == peft_generate(storage, OPT, seed_adapter, QUESTION, 12)
+    middle = len(tuned) // 2
+    stop = tuned[middle : middle + 2]
+    cut = complete(srv, OPT, adapter="my_adapter", stop=[stop])["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == tuned[: tuned.index(stop)]
+    sampled = [complete(srv, OPT, temperature=1.0, top_p=0.9, seed=s) for s in (5, 5, 6)]
+    texts = [c["choices"][0]["text"] for c in sampled]
+    assert texts[0] == texts[1]  # a seed makes sampling reproducible
     # chat without a chat template uses the documented fallback transcript
     chat = srv.client.post(
         "/v1/chat/completions",
