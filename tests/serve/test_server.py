@@ -200,7 +200,11 @@ def test_delete_adapters_then_the_deployment(world):
 
 def test_cold_start_then_scale_to_zero(world):
     srv = world.server
-    srv.cli("deploy", "--model", LLAMA, "--keep-alive", "2")
+    config = world.storage / "llama_deploy.json"  # ServerlessLLM's config shape
+    scaling = {"metric": "concurrency", "target": 4, "min_instances": 0, "keep_alive": 2}
+    config.write_text(json.dumps({"model": LLAMA, "auto_scaling_config": scaling}))
+    srv.cli("deploy", "--config", str(config), "--backend", "transformers")
+    assert srv.deployment(LLAMA)["config"]["target_concurrency"] == 4
     assert "tiny/llama  state=cold  instances=0" in srv.cli("status").stdout
     t0 = time.monotonic()
     chat = srv.client.post(
