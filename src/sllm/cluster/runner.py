@@ -58,7 +58,13 @@ class JobRunner:
         """Spawn the worker; returns where it runs (node id, address, host name, pid)."""
         import ray
 
-        job_dir = Path(spec["storage_path"]) / "_jobs" / self.job_id
+        storage = Path(spec["storage_path"])
+        if not (storage / "transformers").is_dir():
+            raise FileNotFoundError(
+                f"the model store {storage} is not on node {socket.gethostname()}: every node "
+                "must mount the shared STORAGE_PATH at the same path (docs/cluster.md)"
+            )
+        job_dir = storage / "_jobs" / self.job_id
         job_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = job_dir / "worker.log"
         read_fd, write_fd = os.pipe()
