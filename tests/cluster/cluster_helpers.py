@@ -158,3 +158,17 @@ class LocalRayCluster:
 
     def pids(self) -> list[int]:
         return [p for g in self.groups.values() for p in group_pids(g)]
+
+
+def raylet_node_of(pid: int) -> str | None:
+    """The node id of the raylet that `pid` descends from (Ray's own view of where it runs)."""
+    while pid > 1:
+        args = cmdline(pid)
+        if args and args[0].endswith("/raylet"):
+            return next((a.split("=", 1)[1] for a in args if a.startswith("--node_id=")), None)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        pid = int(stat.rsplit(")", 1)[-1].split()[1])
+    return None

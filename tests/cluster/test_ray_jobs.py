@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+from cluster_helpers import raylet_node_of
 
 from sllm.jobs.db import JobStore
 from tests.conftest import job_config, pid_alive
@@ -105,9 +106,10 @@ def test_jobs_spread_over_nodes_by_resources_in_priority_order(cluster, storage,
 
     big = submit(srv, storage, "big", num_cpus=2, training_config=LONG)
     small = submit(srv, storage, "small", training_config=LONG)
-    worker_pid(storage, big), worker_pid(storage, small)  # both placed and spawned
-    assert node_of(cluster, storage, big) == "node_b"  # only node_b has 2 CPUs
-    assert node_of(cluster, storage, small) == "head"
+    for job_id, node in ((big, "node_b"), (small, "head")):  # only node_b has 2 CPUs
+        assert node_of(cluster, storage, job_id) == node  # where the server placed it...
+        pid = worker_pid(storage, job_id)
+        assert raylet_node_of(pid) == cluster.node_ids[node]  # ...is where Ray runs it
     events = srv.client.get(f"/v1/fine_tuning/jobs/{big}/events").json()["data"]
     assert any(e["type"] == "placement" for e in events)
 
@@ -149,7 +151,7 @@ def test_cancel_and_timeout_kill_the_remote_worker(cluster, storage, srv):
     assert node_of(cluster, storage, after) == "node_b"
 
 
-def test_node_lost_mid_job_requeues_it_and_it_finishes_on_another_node(cluster, storage, srv):
+def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, storage, srv):
     blocker = submit(srv, storage, "blocker", training_config=LONG)
     srv.wait_status(blocker, {"running"})
     assert node_of(cluster, storage, blocker) == "head"
@@ -174,3 +176,17 @@ def test_node_lost_mid_job_requeues_it_and_it_finishes_on_another_node(cluster, 
     rec = record(storage, job)
     assert rec.attempts == 2 and node_of(cluster, storage, job) == "head"
     assert (storage / "transformers" / "tiny/adapters/moved" / "adapter_config.json").is_file()
+
+    # A node joining adds capacity to the running server: a 2-CPU job fits again.
+    r = srv.client.post("/v1/fine-tuning/jobs", json=job_config(storage, num_cpus=2))
+    assert r.status_code == 400  # with node_b gone no node has 2 CPUs
+    cluster.add_node("node_b", cpus=2)
+    cfg = job_config(storage, output_dir="tiny/adapters/joined", num_cpus=2, training_config=SHORT)
+    deadline = time.monotonic() + 10  # the server reads the node list every second
+    while (r := srv.client.post("/v1/fine-tuning/jobs", json=cfg)).status_code == 400:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    big = r.json()["job_id"]
+    body = srv.wait_status(big, {"completed", "failed"}, timeout=120)
+    assert body["status"]["status"] == "completed", body["status"].get("error")
+    assert node_of(cluster, storage, big) == "node_b"
