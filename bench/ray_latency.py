@@ -1,0 +1,168 @@
+"""Submit-to-running latency of a fine-tuning job: the local launcher vs a Ray cluster.
+
+    python bench/ray_latency.py                  # 6 jobs per path, about 4 minutes on 2 cores
+    python bench/ray_latency.py --jobs 8 --ray-worker-niceness 0
+
+It starts two `sllm start` servers, each on its own fresh store holding the tiny test llama: one
+local, one on a Ray cluster. It submits short jobs one at a time, alternating between the two
+(so whatever else runs on the machine slows both alike), and times, from just before the POST:
+
+  running     the job's record says `running` (the supervisor's decision: the same code and the
+              same few milliseconds on both paths)
+  spawned     the worker process exists: local, right after the fork; Ray, once the job's actor
+              was created on its node and spawned the worker there
+  first_step  the worker reported its first training step (includes its ~4-5 s of imports)
+  done        the job completed
+
+The Ray path runs on a real two-node cluster on loopback started by the cluster tests' helpers
+(a head with 1 CPU and `node_b` with 2 CPUs); jobs take 1 CPU. The records are read straight
+from SQLite every 5 ms. Results go to stdout and to bench/results/ray_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from cluster_helpers import LocalRayCluster  # noqa: E402
+
+from tests.conftest import Server, job_config, write_dataset  # noqa: E402
+
+MARKS = ("running", "spawned", "first_step", "done")
+
+
+def make_store(root: Path) -> Path:
+    from sllm.store import save_model
+    from sllm.testing import make_tiny_model_dir
+
+    src = root.parent / "src" / "tiny-llama"
+    if not src.exists():
+        make_tiny_model_dir(src)
+    storage = root / "store"
+    save_model("tiny/llama", storage, local_model_path=src)
+    write_dataset(storage / "data" / "train.jsonl")
+    return storage
+
+
+def time_one(server: Server, storage: Path, name: str) -> dict[str, float]:
+    cfg = job_config(storage, output_dir=f"tiny/adapters/{name}")
+    cfg["backend_config"]["training_config"]["num_train_epochs"] = 1
+    db = sqlite3.connect(str(storage / "sllm.db"))
+    t0 = time.perf_counter()
+    job_id = server.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
+    marks: dict[str, float] = {}
+    while "done" not in marks:
+        row = db.execute(
+            "SELECT status, worker_pid, progress_json FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        now = time.perf_counter() - t0
+        status, pid, progress = row
+        if status in ("running", "completed"):
+            marks.setdefault("running", now)
+        if pid:
+            marks.setdefault("spawned", now)
+        if progress and json.loads(progress).get("step"):
+            marks.setdefault("first_step", now)
+        if status in ("completed", "failed", "cancelled"):
+            if status != "completed":
+                raise RuntimeError(f"{job_id} ended {status}")
+            marks["done"] = now
+        if now > 300:
+            raise RuntimeError(f"{job_id} did not finish")
+        time.sleep(0.005)
+    db.close()
+    return marks
+
+
+def run_both(servers: dict[str, tuple[Server, Path]], jobs: int) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {label: [] for label in servers}
+    for label, (server, storage) in servers.items():
+        time_one(server, storage, f"{label}-warmup")  # the first submit pays validation imports
+    for i in range(jobs):
+        for label, (server, storage) in servers.items():
+            runs[label].append(time_one(server, storage, f"{label}-{i}"))
+    return runs
+
+
+def summary(runs: list[dict]) -> dict[str, dict[str, float]]:
+    return {
+        m: {
+            "median_s": round(statistics.median(r[m] for r in runs), 4),
+            "min_s": round(min(r[m] for r in runs), 4),
+            "max_s": round(max(r[m] for r in runs), 4),
+        }
+        for m in MARKS
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=6)
+    parser.add_argument(
+        "--ray-worker-niceness",
+        type=int,
+        default=None,
+        help="RAY_worker_niceness for the cluster (Ray's default: workers run at nice 15)",
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sllm-bench-ray-") as tmp:
+        cluster = LocalRayCluster()
+        if args.ray_worker_niceness is not None:
+            cluster.env["RAY_worker_niceness"] = str(args.ray_worker_niceness)
+        servers: list[Server] = []
+        try:
+            cluster.start_head(cpus=1)
+            cluster.add_node("node_b", cpus=2)
+            local_store = make_store(Path(tmp) / "local")
+            ray_store = make_store(Path(tmp) / "ray")
+            servers.append(Server(local_store, "--num-cpus", "1").start())
+            servers.append(
+                Server(ray_store, "--ray-address", cluster.address, env=cluster.env).start()
+            )
+            runs = run_both(
+                {"local": (servers[0], local_store), "ray": (servers[1], ray_store)}, args.jobs
+            )
+        finally:
+            for server in servers:
+                server.stop()
+            cluster.stop()
+    local, ray = runs["local"], runs["ray"]
+    result = {"local": summary(local), "ray": summary(ray)}
+    result["ray_extra_median_s"] = {
+        m: round(result["ray"][m]["median_s"] - result["local"][m]["median_s"], 4) for m in MARKS
+    }
+    result["jobs_per_path"] = args.jobs
+    result["ray_worker_niceness"] = args.ray_worker_niceness
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    import ray as ray_module
+
+    result["machine"]["ray"] = ray_module.__version__
+    print(f"{'':12}{'local':>10}{'ray':>10}{'extra':>10}   (medians, seconds from the POST)")
+    for m in MARKS:
+        lo, ra = result["local"][m]["median_s"], result["ray"][m]["median_s"]
+        print(f"{m:12}{lo:10.3f}{ra:10.3f}{ra - lo:10.3f}")
+    suffix = "" if args.ray_worker_niceness is None else f"_nice{args.ray_worker_niceness}"
+    out = HERE / "results" / f"ray_latency{suffix}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
