@@ -51,7 +51,8 @@ class Services:
         )
         jobs = JobService(settings, store, pool, supervisor)
         registry = DeploymentRegistry(db_path(storage))
-        deployments = DeploymentService(storage, pool, supervisor.wake, registry)
+        options = {"process_factory": cluster.instances} if cluster else {}
+        deployments = DeploymentService(storage, pool, supervisor.wake, registry, **options)
         return cls(
             settings, store, pool, supervisor, jobs, deployments=deployments, cluster=cluster
         )

@@ -9,7 +9,8 @@ with it. When the actor dies because its node died, the handle says so (`node_lo
 supervisor re-queues the job once, then fails it with `node_lost`.
 
 `RayCluster` ties it together for `Services`: it connects to Ray, keeps the pool's node list in
-step with `ray.nodes()` and disconnects on stop. Only this package imports Ray.
+step with `ray.nodes()`, hands `DeploymentService` its instance factory (`instances.py`) and
+disconnects on stop. Only this package imports Ray.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sllm.cluster.instances import RayInstances
 from sllm.cluster.pool import ClusterPool, NodeCapacity
 from sllm.cluster.runner import FORWARDED_ENV, JobRunner
 from sllm.jobs.db import JobRecord, JobStore
@@ -315,6 +317,7 @@ class RayCluster:
         self.address = address
         self.pool = ClusterPool(read_nodes())
         self.launcher = RayLauncher(store, self.pool)
+        self.instances = RayInstances()  # the process factory of DeploymentService
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         log.info("on Ray cluster %s: %s", address, self.pool.nodes())

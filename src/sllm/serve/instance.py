@@ -1,7 +1,7 @@
 """One inference instance: `python -m sllm.serve.instance --storage S --model M --ready-file F`.
 
 It loads the base model from the store, starts the batching engine, and serves a small HTTP API
-on 127.0.0.1 at an ephemeral port, which it announces by writing `{"port", "pid",
+on 127.0.0.1 (or `--host`) at an ephemeral port, which it announces by writing `{"port", "pid",
 "load_seconds"}` to the ready file once it accepts connections. The server talks to it only:
 
     GET    /health              model, loaded adapters, in-flight requests, engine stats
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--host", default="127.0.0.1", help="Listen address (Ray: the node's).")
     args = parser.parse_args(argv)
 
     from sllm.jobs.worker import die_with_parent
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((args.host, 0))
     sock.listen(128)  # connections wait in the backlog until uvicorn accepts them
     port = sock.getsockname()[1]
 

@@ -38,8 +38,10 @@ class Scaler:
         start_timeout: float = 300.0,
         stop_grace: float = 3.0,
         reap_interval: float = 0.2,
+        process_factory=InstanceProcess,
     ) -> None:
         self.storage = Path(storage)
+        self.process_factory = process_factory  # (workdir, name) -> InstanceProcess-like
         self.root = backend_root(self.storage).resolve()
         self.workdir = self.storage / "_serve"
         self.pool = pool
@@ -170,7 +172,7 @@ class Scaler:
             return None
         dep.counter += 1
         name = f"{cfg.model.replace('/', '--')}-{dep.counter}"
-        proc = InstanceProcess(self.workdir, name)
+        proc = self.process_factory(self.workdir, name)
         inst = Instance(f"{cfg.model}#{dep.counter}", owner, alloc, proc, cfg.max_batch_size)
         dep.instances.append(inst)
         threading.Thread(target=self._boot, args=(dep, inst), daemon=True).start()
@@ -186,6 +188,7 @@ class Scaler:
             info = inst.proc.wait_ready(self.start_timeout, lambda: inst.state != "starting")
             with self._lock:
                 inst.port = int(info["port"])
+                inst.host = info.get("host", inst.host)
             self._record_errors(dep, self._sync(dep, inst))
             with self._lock:
                 if inst.state != "starting":

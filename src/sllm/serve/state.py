@@ -24,6 +24,7 @@ class Instance:
     max_batch_size: int
     state: str = "starting"
     port: int | None = None
+    host: str = "127.0.0.1"  # on a Ray cluster: the address of the instance's node
     in_flight: int = 0
     started_time: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
@@ -34,7 +35,7 @@ class Instance:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def live(self) -> bool:
