@@ -25,7 +25,7 @@ class Settings(BaseModel):
     max_restarts: int = Field(1, description="Re-queues of a running job after a server crash.")
     ray_address: str | None = Field(
         None,
-        description="Run jobs on this Ray cluster (`host:port`, `auto`, `local`); None: no Ray.",
+        description="Run jobs and instances on this Ray cluster (`host:port`, `auto`, `local`).",
     )
 
     def resolved_data_roots(self) -> list[Path]:

@@ -23,9 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--ray-address",
         default=None,
-        help="Run fine-tuning jobs on this Ray cluster (host:port, 'auto' for the one started "
-        "on this machine, 'local' for a private one); capacity then comes from its nodes and "
-        "--num-cpus/--num-gpus are ignored. Default: this machine only, without Ray.",
+        help="Run fine-tuning jobs and inference instances on this Ray cluster (host:port; "
+        "'auto': the one started on this machine; 'local': a private one); capacity then comes "
+        "from its nodes and --num-cpus/--num-gpus are ignored. Default: this machine, no Ray.",
     )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
