@@ -2,6 +2,10 @@
 
 The server's supervisor is the only writer of a job's `status` (`transition`, a compare-and-set);
 workers write progress, events and their result or error beside it.
+
+Writes share one connection behind a lock. Reads use a connection of their own per thread: in WAL
+mode a reader never waits for a writer, so the API's status reads (on the event loop) never queue
+behind the supervisor's or a worker's write transaction, nor behind each other.
 """
 
 from __future__ import annotations
@@ -125,6 +129,8 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
         self._conn = sqlite3.connect(
             str(self.path), isolation_level=None, check_same_thread=False, timeout=30
         )
@@ -138,10 +144,27 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
 
     def _exec(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._conn.execute(sql, params)
+
+    def _read(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """All rows of a read, on this thread's own connection (autocommit: the latest commit)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=30
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            with self._lock:
+                self._readers.append(conn)
+            self._local.conn = conn
+        return conn.execute(sql, params).fetchall()
 
     # --- creation and reads -------------------------------------------------------------
     def create(
@@ -190,8 +213,8 @@ class JobStore:
         return record
 
     def get(self, job_id: str) -> JobRecord | None:
-        row = self._exec("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return JobRecord.from_row(row) if row else None
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return JobRecord.from_row(rows[0]) if rows else None
 
     def list(
         self,
@@ -212,32 +235,30 @@ class JobStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
-        rows = self._exec(sql, (*params, limit + 1)).fetchall()
+        rows = self._read(sql, (*params, limit + 1))
         return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
 
     def pending_in_order(self) -> list[JobRecord]:
         """Pending jobs, highest priority first, then oldest first."""
-        rows = self._exec(
+        rows = self._read(
             "SELECT * FROM jobs WHERE status = ? ORDER BY priority DESC, seq ASC",
             (JobStatus.PENDING.value,),
-        ).fetchall()
+        )
         return [JobRecord.from_row(r) for r in rows]
 
     def with_status(self, status: JobStatus) -> list[JobRecord]:
-        rows = self._exec(
-            "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status.value,)
-        ).fetchall()
+        rows = self._read("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status.value,))
         return [JobRecord.from_row(r) for r in rows]
 
     def statuses(self, job_ids: list[str]) -> dict[str, JobStatus]:
         if not job_ids:
             return {}
         marks = ",".join("?" * len(job_ids))
-        rows = self._exec(f"SELECT id, status FROM jobs WHERE id IN ({marks})", tuple(job_ids))
-        return {r["id"]: JobStatus(r["status"]) for r in rows.fetchall()}
+        rows = self._read(f"SELECT id, status FROM jobs WHERE id IN ({marks})", tuple(job_ids))
+        return {r["id"]: JobStatus(r["status"]) for r in rows}
 
     def exists(self, job_id: str) -> bool:
-        return self._exec("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+        return bool(self._read("SELECT 1 FROM jobs WHERE id = ?", (job_id,)))
 
     # --- the only writer of status ------------------------------------------------------
     def transition(
@@ -337,10 +358,10 @@ class JobStore:
         self, job_id: str, *, limit: int = 100, after: int | None = None
     ) -> tuple[list[dict[str, Any]], bool]:
         """Oldest first (a job's log reads top-down); `after` is the last event id seen."""
-        rows = self._exec(
+        rows = self._read(
             "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after or 0, limit + 1),
-        ).fetchall()
+        )
         out = [
             {
                 "id": r["seq"],
