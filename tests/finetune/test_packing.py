@@ -137,3 +137,36 @@ def test_probe_reports_a_crash_instead_of_raising(tmp_path_factory):
     result = packing.probe(model, Broken(2), device="cpu")
     assert not result.ok and result.max_error is None and result.reason
     assert model.training is True  # mode restored
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_cuda_varlen_kernel_matches_the_per_sequence_loop(arch, tmp_path_factory):
+    """Device check (skipped without CUDA): FlashAttention varlen gives the loop's logits and
+    gradients in bf16, and the probe accepts it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not packing.varlen_kernel_available("cuda"):
+        pytest.skip(f"torch {torch.__version__} has no varlen attention")
+    model = _model(arch, tmp_path_factory).to("cuda", torch.bfloat16)
+    model.set_attn_implementation(packing.register_attention())
+    model.eval()
+    rows = [[5, 9, 11, 40, 7] * 7, [3, 3, 8, 100, 6, 6, 42, 17] * 9, [12, 13] * 3]
+    out = {}
+    for kernel in (packing.KERNEL_LOOP, packing.KERNEL_VARLEN):
+        batch = packing.FlatCollator(2, kernel)([{"input_ids": r} for r in rows])
+        batch.pop(packing.NUM_TOKENS)
+        batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in batch.items()}
+        model.zero_grad()
+        result = model(**batch, use_cache=False)
+        result.loss.backward()
+        grads = [p.grad.float().norm().item() for p in model.parameters() if p.grad is not None]
+        out[kernel] = (result.logits.float(), result.loss.item(), grads)
+    loop, varlen = out[packing.KERNEL_LOOP], out[packing.KERNEL_VARLEN]
+    scale = loop[0].abs().max().item()
+    assert (loop[0] - varlen[0]).abs().max().item() < 0.05 * scale
+    assert varlen[1] == pytest.approx(loop[1], rel=2e-2)
+    assert varlen[2] == pytest.approx(loop[2], rel=5e-2)
+    probe = packing.probe(model, packing.FlatCollator(2, packing.KERNEL_VARLEN), device="cuda")
+    assert probe.ok, probe

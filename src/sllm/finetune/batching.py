@@ -56,6 +56,25 @@ class BatchingPlan:
         )
 
 
+def sampling_override(strategy: str) -> dict[str, Any]:
+    """`train_sampling_strategy=strategy` in the transformers that has it (5.x), else the older
+    `group_by_length` flag."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": strategy}
+    if "group_by_length" in names:
+        return {"group_by_length": strategy == "group_by_length"}
+    return {}
+
+
+def _items(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "no grouping available"
+
+
 def choose_kernels(device_type: str) -> list[str]:
     """Attention kernels to try for packed rows, fastest first."""
     if packing.varlen_kernel_available(device_type):
@@ -111,9 +130,9 @@ def plan_batching(
         return BatchingPlan(mode, True, kernel, collator, train_set, probe=probe)
     overrides: dict[str, Any] = {}
     fallback = "as configured"
-    if "train_sampling_strategy" not in training_config:
-        overrides["train_sampling_strategy"] = "group_by_length"
-        fallback = "rows of similar length grouped (train_sampling_strategy=group_by_length)"
+    if not ({"train_sampling_strategy", "group_by_length"} & set(training_config)):
+        overrides = sampling_override("group_by_length")
+        fallback = f"rows of similar length grouped ({_items(overrides)})"
     return BatchingPlan(
         mode,
         False,
@@ -133,8 +152,8 @@ def _token_budget_plan(kernel, probe, tokenizer, train_set, budget, seed) -> Bat
     overrides = {
         "per_device_train_batch_size": 1,  # one pack per micro-batch
         "auto_find_batch_size": False,
-        "train_sampling_strategy": "random",  # packs are already grouped
         "remove_unused_columns": False,
+        **sampling_override("random"),  # packs are already grouped
     }
     if kernel is not None:
         collator = packing.FlatCollator(tokenizer.pad_token_id, kernel)

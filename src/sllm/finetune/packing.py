@@ -42,17 +42,24 @@ KERNEL_VARLEN = "flash_varlen"
 # ------------------------------------------------------------------------------- attention
 
 
+_VARLEN: tuple[Any, tuple[str, ...]] | None = None
+
+
 def _torch_varlen():
-    """(varlen_attn, its keyword names) from this torch, or (None, ()) where it has none."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except Exception:  # noqa: BLE001 - older torch: no varlen kernel
-        return None, ()
-    try:
-        names = tuple(inspect.signature(varlen_attn).parameters)
-    except (TypeError, ValueError):
-        names = ()
-    return varlen_attn, names
+    """(varlen_attn, its keyword names) from this torch, or (None, ()) where it has none.
+
+    Looked up once, outside any compiled region (the attention function only reads the result).
+    """
+    global _VARLEN
+    if _VARLEN is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+
+            names = tuple(inspect.signature(varlen_attn).parameters)
+        except Exception:  # noqa: BLE001 - older torch: no varlen kernel
+            varlen_attn, names = None, ()
+        _VARLEN = (varlen_attn, names)
+    return _VARLEN
 
 
 def varlen_kernel_available(device_type: str) -> bool:
@@ -76,8 +83,12 @@ def _flash_varlen(query, key, value, cu_seqlens, max_seqlen: int, scaling, n_rep
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
     if dtype not in (torch.float16, torch.bfloat16):
         return None  # FlashAttention needs half precision; the caller loops instead
-    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [T, H, D]
-    kwargs: dict[str, Any] = {"scale": scaling}
+    kwargs: dict[str, Any] = {}
+    if "scale" in names:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
+        return None  # this torch's kernel has no scale argument: loop instead
+    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # T,H,D
     if n_rep > 1:
         if "enable_gqa" in names:
             kwargs["enable_gqa"] = True
@@ -352,7 +363,7 @@ def probe(
             reference = torch.cat(alone, dim=0)
             scale = reference.abs().max().item()
             half = autocast_dtype is not None or next(model.parameters()).dtype != torch.float32
-            tol = (3e-2 if half else 1e-4) * max(scale, 1.0)
+            tol = (1e-1 if half else 1e-4) * max(scale, 1.0)
             err = (packed - reference).abs().max().item()
             if not err <= tol:
                 return ProbeResult(False, err, tol, "packed logits differ from per-sequence logits")
