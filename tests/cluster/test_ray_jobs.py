@@ -8,6 +8,7 @@ the head through Ray. Worker pids are checked with /proc because every node is t
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 
@@ -15,7 +16,7 @@ import pytest
 from cluster_helpers import raylet_node_of
 
 from sllm.jobs.db import JobStore
-from tests.conftest import job_config, pid_alive
+from tests.conftest import Server, job_config, pid_alive
 
 pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -77,6 +78,12 @@ def wait_dead(pid, timeout=20):
         time.sleep(0.05)
 
 
+def events_of(srv, job_id) -> list[dict]:
+    """All of a job's events (a long training run logs more than one default page)."""
+    r = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 10000})
+    return r.json()["data"]
+
+
 def status(srv, job_id):
     return srv.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
 
@@ -110,7 +117,7 @@ def test_jobs_spread_over_nodes_by_resources_in_priority_order(cluster, storage,
         assert node_of(cluster, storage, job_id) == node  # where the server placed it...
         pid = worker_pid(storage, job_id)
         assert raylet_node_of(pid) == cluster.node_ids[node]  # ...is where Ray runs it
-    events = srv.client.get(f"/v1/fine_tuning/jobs/{big}/events").json()["data"]
+    events = events_of(srv, big)
     assert any(e["type"] == "placement" for e in events)
 
     # The cluster is full: later jobs wait and start by priority, then age.
@@ -163,7 +170,7 @@ def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, s
     cluster.stop_node("node_b")  # SIGKILL of the whole node: raylet, actors, agents
     wait_dead(pid)
     body = srv.wait_status(job, {"pending"}, timeout=60)
-    events = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events").json()["data"]
+    events = events_of(srv, job)
     lost = [e for e in events if "was lost" in e["message"]]
     assert lost and lost[-1]["data"]["error_kind"] == "node_lost", events[-3:]
     assert "Re-queued" in lost[-1]["message"]
@@ -190,3 +197,25 @@ def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, s
     body = srv.wait_status(big, {"completed", "failed"}, timeout=120)
     assert body["status"]["status"] == "completed", body["status"].get("error")
     assert node_of(cluster, storage, big) == "node_b"
+
+
+def test_server_killed_takes_its_remote_workers_and_a_restart_requeues(cluster, storage, srv):
+    job = submit(srv, storage, "orphan", num_cpus=2, training_config=LONG)
+    wait_progress(srv, job)
+    pid = worker_pid(storage, job)
+    assert raylet_node_of(pid) == cluster.node_ids["node_b"]
+    srv.kill(signal.SIGKILL)  # Ray kills the actors of a driver that is gone...
+    wait_dead(pid, timeout=60)  # ...and the worker dies with its actor
+
+    again = Server(storage, "--ray-address", cluster.address, env=cluster.env).start()
+    try:
+        again.wait_status(job, {"running"}, timeout=60)
+        events = events_of(again, job)
+        assert any("re-queued" in e["message"] for e in events)
+        assert record(storage, job).attempts == 2
+        second = worker_pid(storage, job)
+        assert second != pid
+        cancel(again, job)
+        wait_dead(second)
+    finally:
+        again.stop()

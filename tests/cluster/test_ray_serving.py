@@ -31,7 +31,8 @@ def test_adapter_trained_on_one_node_is_served_from_another(cluster, storage, se
     job_id = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
     body = srv.wait_status(job_id, {"completed", "failed"}, timeout=180)
     assert body["status"]["status"] == "completed", body["status"].get("error")
-    events = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+    r = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 10000})
+    events = r.json()["data"]
     (placed,) = [e for e in events if e["type"] == "placement"]
     assert placed["data"]["node_id"] == cluster.node_ids["node_b"]  # trained on node_b
 
