@@ -41,7 +41,7 @@ def test_acquire_is_idempotent_and_release_frees():
 
 
 def test_capacity_follows_nodes_joining_and_leaving():
-    pool = ClusterPool([HEAD])
+    pool = ClusterPool([HEAD], forget_after_s=0)
     assert not pool.fits_ever(2, 0)
     assert pool.set_nodes([HEAD, B]) is True
     assert pool.set_nodes([HEAD, B]) is False  # no change, no wake-up
@@ -51,6 +51,16 @@ def test_capacity_follows_nodes_joining_and_leaving():
     assert pool.total_cpus == 1 and "a" in pool.held()
     assert pool.try_acquire("c", 1, 0).node == "head"
     assert pool.try_acquire("d", 1, 0) is None
+    assert not pool.fits_ever(2, 0)  # forgotten at once here
+
+
+def test_a_node_that_left_recently_still_counts_for_what_could_ever_fit():
+    pool = ClusterPool([HEAD, GPU])
+    pool.set_nodes([HEAD])  # the GPU node restarts
+    assert pool.fits_ever(2, 1)  # pending GPU jobs wait for it instead of failing
+    assert pool.try_acquire("g", 1, 1) is None and pool.total_gpus == 0
+    pool.set_nodes([HEAD, NodeCapacity("gpu-again", cpus=4, gpus=2)])
+    assert pool.try_acquire("g", 1, 1).node == "gpu-again"
 
 
 def test_allocations_name_their_node_in_the_job_record():

@@ -9,12 +9,18 @@ starts it at once. Node lists come from `ray.nodes()` (see `sllm.cluster.launche
 join add room on the next refresh, and nodes that leave take theirs away (allocations already on
 them stay held until their holders end).
 
+A node that leaves is remembered for `forget_after_s` (10 minutes) when judging whether a job
+could *ever* fit: a GPU node that restarts, or a cluster that scales back up, should not turn
+every pending GPU job into `unschedulable` in the meantime. Such jobs wait; after that long
+without a node that could hold them they fail, as on one machine.
+
 The pool is plain Python; it never imports Ray.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from sllm.jobs.resources import Allocation
@@ -29,9 +35,13 @@ class NodeCapacity:
 
 
 class ClusterPool:
-    def __init__(self, nodes: list[NodeCapacity] | None = None) -> None:
+    def __init__(
+        self, nodes: list[NodeCapacity] | None = None, *, forget_after_s: float = 600.0
+    ) -> None:
+        self.forget_after_s = forget_after_s
         self._lock = threading.Lock()
         self._nodes: dict[str, NodeCapacity] = {}
+        self._gone: dict[str, tuple[NodeCapacity, float]] = {}  # node id -> (node, left at)
         self._held: dict[str, Allocation] = {}
         self.set_nodes(nodes or [])
 
@@ -39,8 +49,14 @@ class ClusterPool:
     def set_nodes(self, nodes: list[NodeCapacity]) -> bool:
         """Replace the node list; True when the capacity changed."""
         new = {n.node_id: n for n in nodes}
+        now = time.monotonic()
         with self._lock:
             changed = new != self._nodes
+            for node_id, node in self._nodes.items():
+                if node_id not in new:
+                    self._gone[node_id] = (node, now)
+            for node_id in new:
+                self._gone.pop(node_id, None)
             self._nodes = new
         return changed
 
@@ -64,9 +80,12 @@ class ClusterPool:
 
     # --- the ResourcePool interface -----------------------------------------------------
     def fits_ever(self, cpus: int, gpus: int) -> bool:
-        """True if one node of the cluster as it is now could hold the request."""
+        """True if one node could hold the request: a live one, or one that left recently."""
+        horizon = time.monotonic() - self.forget_after_s
         with self._lock:
-            return any(cpus <= n.cpus and gpus <= n.gpus for n in self._nodes.values())
+            recent = [n for n, left in self._gone.values() if left >= horizon]
+            nodes = [*self._nodes.values(), *recent]
+        return any(cpus <= n.cpus and gpus <= n.gpus for n in nodes)
 
     def free(self) -> tuple[int, list[int]]:
         """Free CPUs and a count of free GPUs (as ids 0..n-1), summed over live nodes."""
