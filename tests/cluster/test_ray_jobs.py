@@ -184,19 +184,15 @@ def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, s
     assert rec.attempts == 2 and node_of(cluster, storage, job) == "head"
     assert (storage / "transformers" / "tiny/adapters/moved" / "adapter_config.json").is_file()
 
-    # A node joining adds capacity to the running server: a 2-CPU job fits again.
-    r = srv.client.post("/v1/fine-tuning/jobs", json=job_config(storage, num_cpus=2))
-    assert r.status_code == 400  # with node_b gone no node has 2 CPUs
+    # node_b left moments ago, so a 2-CPU job is still accepted, and waits: no live node can
+    # hold it. A new node_b joining the running server adds the capacity, and it runs there.
+    waiting = submit(srv, storage, "joined", num_cpus=2, training_config=SHORT)
+    time.sleep(1.5)
+    assert status(srv, waiting)["status"] == "pending"
     cluster.add_node("node_b", cpus=2)
-    cfg = job_config(storage, output_dir="tiny/adapters/joined", num_cpus=2, training_config=SHORT)
-    deadline = time.monotonic() + 10  # the server reads the node list every second
-    while (r := srv.client.post("/v1/fine-tuning/jobs", json=cfg)).status_code == 400:
-        assert time.monotonic() < deadline, r.text
-        time.sleep(0.2)
-    big = r.json()["job_id"]
-    body = srv.wait_status(big, {"completed", "failed"}, timeout=120)
+    body = srv.wait_status(waiting, {"completed", "failed"}, timeout=120)
     assert body["status"]["status"] == "completed", body["status"].get("error")
-    assert node_of(cluster, storage, big) == "node_b"
+    assert node_of(cluster, storage, waiting) == "node_b"
 
 
 def test_server_killed_takes_its_remote_workers_and_a_restart_requeues(cluster, storage, srv):
