@@ -43,7 +43,7 @@ BAD = [
     ("model", "nobody/missing-model", "not in the store"),
     ("num_cpus", "two", "num_cpus"),
     ("num_cpus", 0, "num_cpus"),
-    ("num_cpus", 3, "capacity|whole server"),
+    ("num_cpus", 3, "more than any one machine"),
     ("num_gpus", 1, "GPUs"),
     ("num_gpus", 1.5, "num_gpus"),
     ("timeout", 0, "timeout"),

@@ -48,6 +48,19 @@ def detect_gpu_ids() -> list[int]:
     return [int(x) for x in out.stdout.split() if x.strip().isdigit()]
 
 
+def require_fit(pool, cpus: int, gpus: int, what: str) -> None:
+    """400 unless one machine (one node, on a cluster) could ever hold `cpus` and `gpus`."""
+    from sllm.errors import InvalidRequestError
+
+    if pool.fits_ever(cpus, gpus):
+        return
+    raise InvalidRequestError(
+        f"{what} asks for {cpus} CPUs and {gpus} GPUs, more than any one machine of this server "
+        f"can hold ({pool.total_cpus} CPUs and {pool.total_gpus} GPUs in all).",
+        param="num_gpus" if gpus > pool.total_gpus else "num_cpus",
+    )
+
+
 class ResourcePool:
     def __init__(self, num_cpus: int, gpu_ids: list[int]) -> None:
         self.total_cpus = num_cpus

@@ -20,7 +20,7 @@ from sllm.jobs.models import (
     JobProgress,
     JobStatusBody,
 )
-from sllm.jobs.resources import ResourcePool
+from sllm.jobs.resources import ResourcePool, require_fit
 from sllm.jobs.states import TERMINAL, JobStatus
 from sllm.jobs.supervisor import Supervisor
 
@@ -86,12 +86,7 @@ class JobService:
                 f"it first: sllm-store save --model {req.model} --backend transformers",
                 param="model",
             )
-        if not self.pool.fits_ever(req.num_cpus, req.num_gpus):
-            raise InvalidRequestError(
-                f"The job asks for {req.num_cpus} CPUs and {req.num_gpus} GPUs, but the whole "
-                f"server has {self.pool.total_cpus} CPUs and {self.pool.total_gpus} GPUs.",
-                param="num_gpus" if req.num_gpus > self.pool.total_gpus else "num_cpus",
-            )
+        require_fit(self.pool, req.num_cpus, req.num_gpus, "The job")
         backend = get_backend(req.ft_backend)
         ctx = ValidationContext(
             storage_path=self.settings.storage_path,

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
-from sllm.jobs.resources import ResourcePool
+from sllm.jobs.resources import ResourcePool, require_fit
 from sllm.serve.adapters import (
     adapter_fingerprint,
     check_adapter_dir,
@@ -137,12 +137,7 @@ class DeploymentService(Scaler):
                 f"({config.max_instances}).",
                 param="min_instances",
             )
-        if not self.pool.fits_ever(config.num_cpus, config.num_gpus):
-            raise InvalidRequestError(
-                f"An instance asks for {config.num_cpus} CPUs and {config.num_gpus} GPUs, but "
-                f"the server has {self.pool.total_cpus} CPUs and {self.pool.total_gpus} GPUs.",
-                param="num_gpus" if config.num_gpus > self.pool.total_gpus else "num_cpus",
-            )
+        require_fit(self.pool, config.num_cpus, config.num_gpus, "An instance")
         with self._lock:
             for other in self._deps.values():
                 if other.config.model == config.model:
