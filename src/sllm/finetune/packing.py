@@ -73,6 +73,10 @@ def _repeat_kv(x, n_rep: int):
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+def _tokens_first(x, dtype):
+    return x[0].transpose(0, 1).to(dtype).contiguous()
+
+
 def _flash_varlen(query, key, value, cu_seqlens, max_seqlen: int, scaling, n_rep: int):
     """query/key/value [1, H, T, D] -> [1, T, H, D] through torch's FlashAttention varlen kernel."""
     import torch
@@ -88,12 +92,15 @@ def _flash_varlen(query, key, value, cu_seqlens, max_seqlen: int, scaling, n_rep
         kwargs["scale"] = scaling
     elif scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-6:
         return None  # this torch's kernel has no scale argument: loop instead
-    q, k, v = (t[0].transpose(0, 1).to(dtype).contiguous() for t in (query, key, value))  # T,H,D
+    q = _tokens_first(query, dtype)  # [T, H, D]; plain statements keep torch.compile's tracer fast
+    k = _tokens_first(key, dtype)
+    v = _tokens_first(value, dtype)
     if n_rep > 1:
         if "enable_gqa" in names:
             kwargs["enable_gqa"] = True
         else:
-            k, v = (t.repeat_interleave(n_rep, dim=1) for t in (k, v))
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
     if "is_causal" in names:
         kwargs["is_causal"] = True
     else:

@@ -1,0 +1,1 @@
+"""Benchmarks of sllm against the obvious implementation; see bench/README.md."""
