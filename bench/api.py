@@ -150,15 +150,22 @@ def run(quick: bool = False, out_dir: Path = RESULTS, seconds: float = 15.0) -> 
     md += f"\n\nJobs listed afterwards: {data['jobs_listed_afterwards']} of {total}"
     md += f" (missing: {len(missing)})."
     write_results("api", data, md, out_dir)
+    plot(data, out_dir)
+    print(md, flush=True)
+    return data
+
+
+def plot(data: dict[str, Any], out_dir: Path = RESULTS) -> None:
+    closed, paced, submit = data["status_closed_loop"], data["status_every_100ms"], data["submit"]
     bar_plot(
         out_dir / "api.png",
-        "Job API on loopback, 2-core machine: latency",
-        ["status closed loop", "status every 100 ms", "submit x1000"],
+        f"Job API on loopback, 2-core machine: {data['clients']} status clients, "
+        f"{data['submissions']} submissions",
+        ["status, closed loop", "status, every 100 ms", f"submit x{data['submissions']}"],
         {
             "p50 ms": [closed["p50_ms"], paced["p50_ms"], submit["p50_ms"]],
             "p99 ms": [closed["p99_ms"], paced["p99_ms"], submit["p99_ms"]],
         },
-        "milliseconds",
+        "milliseconds (log scale)",
+        log=True,
     )
-    print(md, flush=True)
-    return data

@@ -113,7 +113,14 @@ def write_results(name: str, data: dict[str, Any], table: str, out_dir: Path = R
     return path
 
 
-def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], unit: str):
+def bar_plot(
+    path: Path,
+    title: str,
+    labels: list[str],
+    series: dict[str, list[float]],
+    unit: str,
+    log: bool = False,
+):
     """Grouped bars (one group per label); skipped quietly without matplotlib."""
     try:
         import matplotlib
@@ -131,6 +138,8 @@ def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[f
         ax.bar_label(bars, labels=[f"{v:,.0f}" if v else "" for v in values], fontsize=8)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(labels))], labels)
     ax.set_ylabel(unit)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
         ax.legend()

@@ -180,7 +180,7 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
         "max_seq_length": work.max_seq_length,
         "batching": batching,
     }
-    if batching == "token_budget":
+    if batching == "token_budget" and work.tokens_per_batch:
         cfg["tokens_per_batch"] = work.tokens_per_batch
     import datasets  # noqa: F401 - imported before the clock starts, as in run_baseline
     import peft  # noqa: F401

@@ -12,6 +12,7 @@ so a change in the machine's load shows as their difference.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,7 +132,8 @@ def through_server(prep: dict, request: dict) -> dict[str, float | None]:
 
 
 def run(quick: bool = False, out_dir: Path = RESULTS) -> dict[str, Any]:
-    work = SIZES["tiny"] if quick else SIZES["cpu"]
+    # two epochs of the CPU workload: a run of a minute or two per side on the 2-core machine
+    work = SIZES["tiny"] if quick else dataclasses.replace(SIZES["cpu"], epochs=2)
     workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     prep = prepare(workdir, work, through_store=True)
     prep_file, request_file = workdir / "prep.json", workdir / "request.json"

@@ -35,7 +35,7 @@ class Workload:
             "target_modules": "all-linear",
         }
     )
-    tokens_per_batch: int = 16384
+    tokens_per_batch: int | None = None  # token_budget: None = the backend's default per device
     max_seq_length: int = 512
 
     def describe(self) -> dict[str, Any]:
@@ -70,9 +70,9 @@ def _opt(hidden, ffn, layers, heads, vocab=50272, pos=2048) -> dict[str, Any]:
 SIZES: dict[str, Workload] = {
     # Checks the whole flow in seconds (CPU); not a measurement.
     "tiny": Workload("tiny", "llama", _llama(64, 128, 2, 4, 2, vocab=1024, pos=512), rows=24,
-                     max_tokens=120, tokens_per_batch=1024),
+                     max_tokens=120, tokens_per_batch=512),
     "tiny-opt": Workload("tiny-opt", "opt", _opt(64, 128, 2, 4, vocab=1024, pos=512), rows=24,
-                         max_tokens=120, tokens_per_batch=1024),
+                         max_tokens=120, tokens_per_batch=512),
     # What this 2-core machine can measure in minutes.
     "cpu": Workload("cpu", "llama", _llama(384, 1024, 6, 6, 6, tie=True), rows=96),
     "cpu-opt": Workload("cpu-opt", "opt", _opt(384, 1536, 6, 6), rows=96),
