@@ -23,6 +23,7 @@ from typing import Any
 from sllm.cluster.runner import FORWARDED_ENV, node_env
 from sllm.jobs.launcher import tail
 from sllm.jobs.resources import Allocation
+from sllm.procgroup import spawn, stop_group
 
 POLL_S = 0.05
 PLACE_TIMEOUT_S = 120.0
@@ -50,15 +51,8 @@ class InstanceRunner:
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "sllm.serve.instance", "--host", self.address, *args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=node_env(num_cpus, forwarded),
-                start_new_session=True,
-            )
+        env = node_env(num_cpus, forwarded)
+        self.proc = spawn(cmd, env=env, log_path=self.log_path)
         return {
             "pid": self.proc.pid,
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -89,24 +83,9 @@ class InstanceRunner:
         """SIGTERM the group, SIGKILL it after `grace` seconds."""
         if self.proc is None:
             return
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal(signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(self.proc, grace)
         if self.ready_file is not None:
             self.ready_file.unlink(missing_ok=True)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def log_tail(self, lines: int = 15) -> str:
         return tail(self.log_path, lines) if self.log_path else ""

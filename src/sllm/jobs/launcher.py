@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from sllm.jobs.resources import Allocation
+from sllm.procgroup import signal_group, spawn
 
 
 class WorkerHandle(Protocol):
@@ -77,17 +78,11 @@ class LocalHandle:
     def poll(self) -> int | None:
         return self.proc.poll()
 
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def terminate(self) -> None:
-        self._signal_group(signal.SIGTERM)
+        signal_group(self.proc.pid, signal.SIGTERM)
 
     def kill(self) -> None:
-        self._signal_group(signal.SIGKILL)
+        signal_group(self.proc.pid, signal.SIGKILL)
 
     def log_tail(self, lines: int = 20) -> str:
         return tail(self.log_path, lines)
@@ -105,16 +100,7 @@ class LocalLauncher:
         env = worker_env(alloc)
         env["SLLM_PARENT_PID"] = str(os.getpid())
         cmd = [sys.executable, "-m", "sllm.jobs.worker", "--db", str(self.db_path), job_id]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
+        proc = spawn(cmd, env=env, log_path=log_path)
         handle = LocalHandle(proc, log_path)
 
         def _wait() -> None:

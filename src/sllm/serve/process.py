@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from sllm.jobs.launcher import tail, worker_env
 from sllm.jobs.resources import Allocation
+from sllm.procgroup import spawn, stop_group
 
 
 class InstanceStartError(Exception):
@@ -46,16 +46,7 @@ class InstanceProcess:
             "--dtype", dtype,
             "--device", "cuda" if alloc.gpu_ids else "cpu",
         ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
+        self.proc = spawn(cmd, env=env, log_path=self.log_path)
 
     def wait_ready(self, timeout: float, cancelled=lambda: False) -> dict:
         """The ready file's content once the instance serves; raises if it exits or times out."""
@@ -80,23 +71,8 @@ class InstanceProcess:
         """SIGTERM the group, SIGKILL it after `grace` seconds, and reap the process."""
         if self.proc is None:
             return
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal(signal.SIGKILL)  # also any child left in the group
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_group(self.proc, grace)
         self.ready_file.unlink(missing_ok=True)
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def log_tail(self, lines: int = 15) -> str:
         return tail(self.log_path, lines)
