@@ -86,32 +86,11 @@ def test_good_config_gets_defaults(backend, good, ctx, train_file):
 
 
 def test_seed_example_config_is_accepted(backend, ctx):
-    """The spec's example (hf_hub dataset, explicit configs) validates without the network."""
-    cfg = {
-        "output_dir": "facebook/adapters/opt-125m_adapter_test",
-        "dataset_config": {
-            "dataset_source": "hf_hub",
-            "hf_dataset_name": "fka/awesome-chatgpt-prompts",
-            "tokenization_field": "prompt",
-            "split": "train",
-            "data_files": "",
-            "extension_type": "",
-        },
-        "lora_config": {
-            "r": 4,
-            "lora_alpha": 32,
-            "lora_dropout": 0.05,
-            "bias": "none",
-            "task_type": "CAUSAL_LM",
-        },
-        "training_config": {
-            "auto_find_batch_size": True,
-            "save_strategy": "no",
-            "num_train_epochs": 2,
-            "learning_rate": 0.0001,
-            "use_cpu": False,
-        },
-    }
+    """The seed's example file, as shipped in examples/, validates without the network."""
+    import json
+
+    example = Path(__file__).parents[2] / "examples" / "fine_tuning" / "fine_tuning_config.json"
+    cfg = json.loads(example.read_text())["backend_config"]
     out = backend.validate(cfg, ctx)
     assert out["output_dir"] == cfg["output_dir"]
     assert out["dataset_config"]["hf_dataset_name"] == "fka/awesome-chatgpt-prompts"
