@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from sllm.testing import LocalServer, free_port  # noqa: F401 (re-exported for tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -92,59 +88,7 @@ def job_config(storage: Path, **overrides) -> dict:
     return cfg
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`sllm start` in a subprocess on a loopback port; stopped (and its workers) on close."""
-
-    def __init__(self, storage: Path, *args: str, env: dict | None = None) -> None:
-        self.storage = storage
-        self.args = args
-        self.env = {**os.environ, **(env or {})}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = storage / f"server-{self.port}.log"
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def start(self) -> Server:
-        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(self.port)]
-        cmd += ["--storage-path", str(self.storage), "--log-level", "warning", *self.args]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not come up")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
-        self.client.close()
-
-    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            body = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-            if body["status"]["status"] in statuses:
-                return body
-            time.sleep(0.1)
-        raise AssertionError(f"{job_id} never reached {statuses}: {body}")
+Server = LocalServer  # the real server in a subprocess, shared with bench/ and the demo
 
 
 @pytest.fixture

@@ -10,29 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from sllm.testing import LocalServer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "examples" / "fine_tuning" / "demo_config.json"
 QUESTION = "What is the best way to learn to sail?"
 
 console = Console()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step(n: int, title: str, command: str | None = None) -> None:
@@ -56,40 +48,15 @@ def save_base_model(storage: Path) -> str:
     return name
 
 
-class ServerProcess:
-    def __init__(self, storage: Path, port: int, num_cpus: int) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = storage / "demo-server.log"
-        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(port)]
-        cmd += ["--storage-path", str(storage), "--num-cpus", str(num_cpus)]
-        cmd += ["--log-level", "warning"]
-        _step(2, "start the server", " ".join(["sllm", *cmd[3:]]))
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited; see {self.log}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    console.print(f"server up at {self.url} (log: {self.log})")
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise SystemExit("server did not come up in 60 s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.client.close()
+def start_server(storage: Path, port: int | None, num_cpus: int) -> LocalServer:
+    server = LocalServer(storage, "--num-cpus", str(num_cpus), cwd=REPO, port=port)
+    _step(2, "start the server", f"sllm start --port {server.port} --storage-path {storage}")
+    server.start()
+    console.print(f"server up at {server.url} (log: {server.log})")
+    return server
 
 
-def submit(server: ServerProcess, config: dict) -> str:
+def submit(server: LocalServer, config: dict) -> str:
     _step(
         3,
         "submit the fine-tuning job",
@@ -104,7 +71,7 @@ def submit(server: ServerProcess, config: dict) -> str:
     return job_id
 
 
-def follow(server: ServerProcess, job_id: str) -> dict:
+def follow(server: LocalServer, job_id: str) -> dict:
     _step(4, "monitor the job", f"curl {server.url}/v1/fine_tuning/jobs/{job_id}")
     columns = [
         TextColumn("[bold]{task.fields[status]:<9}"),
@@ -169,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     config = json.loads(DEMO_CONFIG.read_text())
     config["model"] = model
     config["num_cpus"] = min(config["num_cpus"], args.num_cpus)
-    server = ServerProcess(storage, args.port or _free_port(), args.num_cpus)
+    server = start_server(storage, args.port or None, args.num_cpus)
     try:
         job_id = submit(server, config)
         body = follow(server, job_id)
@@ -181,18 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def deploy_and_chat(server: ServerProcess, model: str, body: dict) -> None:
+def deploy_and_chat(server: LocalServer, model: str, body: dict) -> None:
     """Step 5 of the seed: deploy the base model with the fresh adapter, ask both one question."""
     output_dir = body["status"]["config"]["backend_config"]["output_dir"]
     adapters = f"pirate={output_dir}"
-    cmd = ["sllm", "deploy", "--model", model, "--backend", "transformers", "--enable-lora"]
-    cmd += ["--lora-adapters", adapters, "--keep-alive", "60"]
     shown = f"sllm deploy --model {model} --backend transformers --enable-lora"
     shown += f' --lora-adapters "{adapters}"'
     _step(5, "deploy the adapter and chat", shown)
-    env = {**os.environ, "LLM_SERVER_URL": server.url}
-    deploy = [sys.executable, "-m", "sllm.cli.main", *cmd[1:]]
-    result = subprocess.run(deploy, env=env, capture_output=True, text=True)
+    deploy = ["deploy", "--model", model, "--backend", "transformers", "--enable-lora"]
+    deploy += ["--lora-adapters", adapters, "--keep-alive", "60"]
+    result = server.cli(*deploy, check=False)
     if result.returncode != 0:
         raise SystemExit(f"deploy failed: {result.stderr.strip()}")
     table = Table(title=f"Q: {QUESTION}", show_lines=True)

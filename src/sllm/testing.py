@@ -100,3 +100,123 @@ def make_tiny_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    """`sllm start` in a subprocess on a free loopback port, for tests, benchmarks and the demo.
+
+    `stop()` (or leaving the `with` block) ends it; its workers and instances die with it.
+    """
+
+    def __init__(
+        self,
+        storage: str | Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: str | Path | None = None,
+        port: int | None = None,
+        start_timeout: float = 90.0,
+    ) -> None:
+        import os
+
+        import httpx
+
+        self.storage = Path(storage)
+        self.args = args
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+        self.cwd = cwd
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = self.storage / f"server-{self.port}.log"
+        self.start_timeout = start_timeout
+        self.proc = None
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def start(self) -> LocalServer:
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(self.port)]
+        cmd += ["--storage-path", str(self.storage), "--log-level", "warning", *self.args]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server did not come up in {self.start_timeout:.0f} s")
+
+    def kill(self, sig: int | None = None) -> None:
+        """Send `sig` (default SIGKILL) and wait for the server to exit."""
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if sig is None else sig)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        import signal
+
+        self.kill(signal.SIGTERM)
+        self.client.close()
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def cli(self, *args: str, check: bool = True):
+        """Run `sllm <args>` against this server; returns the CompletedProcess."""
+        import subprocess
+        import sys
+
+        out = subprocess.run(
+            [sys.executable, "-m", "sllm.cli.main", *args],
+            capture_output=True,
+            text=True,
+            env={**self.env, "LLM_SERVER_URL": self.url},
+            timeout=300,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"sllm {' '.join(args)} failed: {out.stdout}{out.stderr}")
+        return out
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
+        """Poll a fine-tuning job until its status is one of `statuses`."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        body: dict = {}
+        while time.monotonic() < deadline:
+            body = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            if body["status"]["status"] in statuses:
+                return body
+            time.sleep(0.1)
+        raise AssertionError(f"{job_id} never reached {statuses}: {body}")

@@ -46,7 +46,7 @@ def world(store):
     try:
         r = server.client.post("/v1/fine-tuning/jobs", json=seed_job_config())
         assert r.status_code == 200, r.text
-        job = server.wait_job(r.json()["job_id"], {"completed", "failed", "cancelled"})
+        job = server.wait_status(r.json()["job_id"], {"completed", "failed", "cancelled"})
         assert job["status"]["status"] == "completed", job
         yield SimpleNamespace(server=server, storage=store, job=job)
     finally:

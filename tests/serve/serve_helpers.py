@@ -6,6 +6,8 @@ import queue
 import time
 from pathlib import Path
 
+from sllm.testing import LocalServer
+
 
 def make_random_adapter(base_dir: Path, out: Path, seed: int, targets=("q_proj", "v_proj")) -> Path:
     """A LoRA adapter with random (non-zero) weights, so its outputs differ from the base's."""
@@ -52,86 +54,8 @@ OPT = "facebook/opt-125m"  # a tiny random OPT stored under the seed's name (no 
 LLAMA = "tiny/llama"  # a tiny random llama with a chat template
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`sllm start` on a free loopback port; `stop()` ends it (its instances die with it)."""
-
-    def __init__(self, storage: Path, *args: str) -> None:
-        import httpx
-
-        self.storage = storage
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = storage / f"server-{self.port}.log"
-        self.args = args
-        self.proc = None
-        self.client = httpx.Client(base_url=self.url, timeout=120)
-
-    def start(self) -> ServerProcess:
-        import os
-        import subprocess
-        import sys
-
-        import httpx
-
-        cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--port", str(self.port)]
-        cmd += ["--storage-path", str(self.storage), "--log-level", "warning", *self.args]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.client.get("/health").status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not come up")
-
-    def stop(self) -> None:
-        import signal
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=60)
-        self.client.close()
-
-    def cli(self, *args: str, check: bool = True):
-        """Run `sllm <args>` against this server; returns the CompletedProcess."""
-        import os
-        import subprocess
-        import sys
-
-        env = {**os.environ, "LLM_SERVER_URL": self.url}
-        out = subprocess.run(
-            [sys.executable, "-m", "sllm.cli.main", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=300,
-        )
-        if check and out.returncode != 0:
-            raise AssertionError(f"sllm {' '.join(args)} failed: {out.stdout}{out.stderr}")
-        return out
-
-    def wait_job(self, job_id: str, statuses: set[str], timeout: float = 180) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            body = self.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-            if body["status"]["status"] in statuses:
-                return body
-            time.sleep(0.1)
-        raise AssertionError(f"{job_id} never reached {statuses}: {body}")
+class ServerProcess(LocalServer):
+    """The shared `LocalServer`, plus a deployment lookup."""
 
     def deployment(self, model: str) -> dict:
         return self.client.get(f"/v1/deployments/{model}").json()

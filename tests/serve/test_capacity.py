@@ -43,14 +43,14 @@ def test_jobs_and_instances_never_share_a_cpu(store):
     server = ServerProcess(store, "--num-cpus", "1").start()
     try:
         job = long_job(server, "adapters/long-1")
-        server.wait_job(job, {"running"})
+        server.wait_status(job, {"running"})
         server.cli("deploy", "--model", LLAMA, "--keep-alive", "2")
         refused = server.client.post("/v1/chat/completions", json=CHAT)
         assert refused.status_code == 503, refused.text
         assert int(refused.headers["Retry-After"]) >= 1
         assert "fine-tuning jobs" in refused.json()["error"]["message"]
         server.client.post(f"/v1/fine_tuning/jobs/{job}/cancel")
-        server.wait_job(job, {"cancelled"})
+        server.wait_status(job, {"cancelled"})
         # the CPU frees once the worker is gone; a client follows Retry-After until then
         chat = lambda: server.client.post("/v1/chat/completions", json=CHAT).status_code == 200  # noqa: E731
         wait_for(chat, 30, "the instance to get the CPU back")
@@ -63,7 +63,7 @@ def test_jobs_and_instances_never_share_a_cpu(store):
         wait_for(lambda: job_status(server, second) == "running", 30, "the job to start")
         assert server.deployment(LLAMA)["instances"] == []
         server.client.post(f"/v1/fine_tuning/jobs/{second}/cancel")
-        server.wait_job(second, {"cancelled"})
+        server.wait_status(second, {"cancelled"})
     finally:
         server.stop()
 
