@@ -45,6 +45,7 @@ from sllm.finetune.data import (
 from sllm.finetune.speed import (
     choose_precision,
     configure_threads,
+    lora_inputs_follow_autocast,
     make_trainer,
     training_overrides,
 )
@@ -178,6 +179,8 @@ class PeftLoraBackend:
         set_seed(args.seed)  # LoRA's random init follows the job's seed, like the rest
         peft_model = get_peft_model(model, lora_obj)
         trainable, total = peft_model.get_nb_trainable_parameters()
+        if precision.autocast_dtype is not None:
+            lora_inputs_follow_autocast(peft_model)
 
         plan = plan_batching(
             cfg.batching,
@@ -196,6 +199,7 @@ class PeftLoraBackend:
         speed = {
             **plan.describe(),
             "precision": precision.name,
+            "lora_input_cast": precision.autocast_dtype is None,
             "cpu_threads": None if use_cuda else threads,
         }
         reporter.event("info", plan.summary(), speed)

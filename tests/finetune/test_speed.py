@@ -1,0 +1,112 @@
+"""Host-side cost of a training step under autocast: the kernels a small GPU step is bound by.
+
+A step of 8 rows on a GPU is bound by kernel launches, not arithmetic, so every op the step
+dispatches counts. These tests count aten ops (what autograd and autocast send to a backend: on a
+GPU, kernels) on CPU autocast, which inserts casts exactly as CUDA autocast does.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+from ft_helpers import PIRATE_DATA, RecordingReporter
+
+from sllm.finetune import packing, speed
+from sllm.finetune.base import JobSpec, ValidationContext, get_backend
+
+
+def _peft_model(arch: str, tmp_path_factory, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sllm.testing import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path_factory.mktemp(arch) / "m", arch=arch)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config.use_cache = False
+    torch.manual_seed(0)
+    lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")
+    peft_model = get_peft_model(model, lora)
+    peft_model.get_base_model().set_attn_implementation(packing.register_attention())
+    return peft_model
+
+
+def _step(model, batch):
+    """One forward + backward under CPU bf16 autocast: (ops by name, loss, LoRA grads)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: collections.Counter = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    model.zero_grad(set_to_none=True)
+    with Count():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return ops, loss.item(), grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lora_inputs_follow_autocast_drops_the_float32_round_trip(arch, tmp_path_factory):
+    import torch
+
+    model = _peft_model(arch, tmp_path_factory, torch.bfloat16)
+    model.eval()  # no dropout: the two steps must see the same computation
+    rows = [[5, 9, 11, 40, 7, 8, 9], [3, 3, 8, 100, 6, 6, 42, 17], [12, 13, 14]]
+    batch = packing.FlatCollator(2)([{"input_ids": r} for r in rows])
+    batch.pop(packing.NUM_TOKENS)
+
+    before, loss_before, grads_before = _step(model, batch)
+    layers = speed.lora_inputs_follow_autocast(model)
+    after, loss_after, grads_after = _step(model, batch)
+
+    assert layers == len([m for m in model.modules() if hasattr(m, "lora_A")]) > 0
+    casts_saved = before["aten._to_copy"] - after["aten._to_copy"]
+    assert casts_saved >= 3 * layers, (before["aten._to_copy"], after["aten._to_copy"], layers)
+    assert sum(after.values()) < sum(before.values())
+    # Same math: the LoRA matmuls ran in bf16 either way (autocast); only casts went away.
+    assert loss_after == pytest.approx(loss_before, rel=1e-2)
+    assert grads_after.keys() == grads_before.keys()
+    for name, grad in grads_after.items():
+        assert grad.dtype == torch.float32  # LoRA weights and their grads stay float32
+        ref = grads_before[name]
+        assert (grad - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
+    assert speed.lora_inputs_follow_autocast(model) == 0  # idempotent
+
+
+def test_bf16_job_on_cpu_trains_with_lora_inputs_in_the_autocast_dtype(ft_storage):
+    backend = get_backend("peft_lora")
+    cfg = {
+        "output_dir": "adapters/bf16-cpu",
+        "dataset_config": {
+            "dataset_source": "local",
+            "data_files": str(PIRATE_DATA),
+            "extension_type": "json",
+            "tokenization_field": "prompt",
+        },
+        "lora_config": {"r": 4, "lora_alpha": 16},
+        "training_config": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "bf16": True},
+        "max_seq_length": 64,
+    }
+    ctx = ValidationContext(ft_storage, data_roots=[PIRATE_DATA.parent], model="tiny")
+    spec = JobSpec("bf16-cpu", "tiny", ft_storage, backend.validate(cfg, ctx), num_cpus=1)
+    result = backend.run(spec, RecordingReporter())
+    meta = json.loads((result.adapter_path / "training_metadata.json").read_text())
+    assert meta["speed"]["precision"] == "bf16" and meta["speed"]["lora_input_cast"] is False
+    assert meta["speed"]["packed"] is True
+    assert meta["steps"] > 0 and meta["final_loss"] is not None
+    assert all(h["loss"] == h["loss"] for h in meta["loss_history"])  # no NaN
+
+    from safetensors.torch import load_file
+
+    weights = load_file(str(result.adapter_path / "adapter_model.safetensors"))
+    assert weights and all(str(t.dtype) == "torch.float32" for t in weights.values())
