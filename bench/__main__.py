@@ -1,4 +1,4 @@
-"""`python -m bench finetune|overhead|api|load|all|render [options]`: see bench/README.md.
+"""`python -m bench finetune|overhead|api|load|host|all|render [options]`: see bench/README.md.
 
 `render RESULT.json...` rewrites the Markdown table and PNG plot of saved finetune results (the
 GPU script brings back JSON only).
@@ -21,11 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench.workload import SIZES
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", choices=["finetune", "overhead", "api", "load", "all", "render"])
+    whats = ["finetune", "overhead", "api", "load", "host", "all", "render"]
+    parser.add_argument("what", choices=whats)
     parser.add_argument("files", nargs="*", type=Path, help="render: finetune result JSON files")
-    parser.add_argument("--size", default="cpu", choices=sorted(SIZES), help="finetune, load")
+    parser.add_argument("--size", default="cpu", choices=sorted(SIZES), help="finetune, load, host")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--variants", default=None, help="finetune: comma-separated variants")
+    parser.add_argument("--variants", default=None, help="finetune, host: comma-separated variants")
     parser.add_argument("--repeat", type=int, default=1, help="finetune: interleaved rounds")
     parser.add_argument("--deadline-s", type=float, default=None, help="finetune: stop starting")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             from bench import api
 
             api.run(quick=args.quick, out_dir=args.out)
+        elif what == "host":
+            from bench import host
+
+            variants = args.variants.split(",") if args.variants else None
+            host.run(args.size, device, variants, out_dir=args.out)
         elif what == "load":
             from bench import load
 

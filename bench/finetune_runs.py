@@ -30,6 +30,7 @@ VARIANTS = {
     "baseline": "HF Trainer + peft, padded batches (fp32)",
     "padded": "job path, batching=padded",
     "padding_free": "job path, default (padding-free)",
+    "padding_free_bf16": "job path, default + bf16 autocast (CUDA's default precision)",
     "token_budget": "job path, batching=token_budget",
     "token_budget_compile": "job path, token_budget + torch_compile",
 }
@@ -159,6 +160,7 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
 
     storage = Path(prep["storage"])
     batching = "token_budget" if variant.startswith("token_budget") else variant
+    batching = batching.removesuffix("_bf16")
     training = {
         "per_device_train_batch_size": work.batch_size,
         "num_train_epochs": work.epochs,
@@ -167,6 +169,8 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
     }
     if variant.endswith("_compile"):
         training["torch_compile"] = True
+    if variant.endswith("_bf16"):
+        training["bf16"] = True
     cfg: dict[str, Any] = {
         "output_dir": f"bench/adapters/{variant}",
         "dataset_config": {

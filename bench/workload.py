@@ -76,6 +76,12 @@ SIZES: dict[str, Workload] = {
     # What this 2-core machine can measure in minutes.
     "cpu": Workload("cpu", "llama", _llama(384, 1024, 6, 6, 6, tie=True), rows=96),
     "cpu-opt": Workload("cpu-opt", "opt", _opt(384, 1536, 6, 6), rows=96),
+    # `python -m bench host` on CPU: the layer structure of the GPU sizes (same layers, LoRA
+    # modules, heads per KV head), narrow enough that arithmetic is negligible next to dispatch.
+    "opt-125m-narrow": Workload("opt-125m-narrow", "opt", _opt(64, 128, 12, 4, vocab=1024),
+                                rows=160),
+    "llama-1.1b-narrow": Workload("llama-1.1b-narrow", "llama",
+                                  _llama(64, 128, 22, 16, 2, vocab=1024), rows=160),
     # GPU sizes: the shapes of OPT-125m and TinyLlama-1.1B.
     "opt-125m": Workload("opt-125m", "opt", _opt(768, 3072, 12, 12), rows=512),
     "llama-1.1b": Workload("llama-1.1b", "llama", _llama(2048, 5632, 22, 32, 4), rows=640),

@@ -214,7 +214,8 @@ def test_cpu_precision_and_threads():
 
     assert speed.choose_precision({}, use_cuda=False).load_dtype == torch.float32
     assert speed.choose_precision({}, use_cuda=False).autocast_dtype is None
-    assert speed.choose_precision({"bf16": True}, use_cuda=False).autocast_dtype == torch.bfloat16
+    cpu_bf16 = speed.choose_precision({"bf16": True}, use_cuda=False)
+    assert cpu_bf16.autocast_dtype == cpu_bf16.load_dtype == torch.bfloat16
     assert speed.choose_precision({"fp16": True}, use_cuda=True).name == "fp16"
     assert speed.choose_precision({"bf16": False}, use_cuda=True).name == "stored"
     before = torch.get_num_threads()

@@ -47,17 +47,18 @@ class Precision:
 
 def choose_precision(training_config: dict[str, Any], *, use_cuda: bool) -> Precision:
     """CPU trains in float32 (half precision there is slow and numerically poor) unless the user
-    asks for bf16 autocast. CUDA keeps the user's `fp16`/`bf16` choice; when there is none and the
-    GPU supports bf16, the frozen base weights are loaded in bf16 and the step autocasts to bf16
-    (the LoRA weights stay float32)."""
+    asks for bf16. CUDA keeps the user's `fp16`/`bf16` choice; when there is none and the GPU
+    supports bf16, bf16 it is. bf16 means, on either device: the frozen base weights loaded in
+    bf16 (autocast would round them to bf16 for every matmul anyway, recasting each one on every
+    forward) and the step autocast to bf16; the LoRA weights stay float32."""
     import torch
 
     fp16 = bool(training_config.get("fp16"))
     bf16 = training_config.get("bf16")
     if not use_cuda:
-        return Precision(
-            "bf16" if bf16 else "fp32", torch.float32, torch.bfloat16 if bf16 else None
-        )
+        if bf16:
+            return Precision("bf16", torch.bfloat16, torch.bfloat16)
+        return Precision("fp32", torch.float32, None)
     if fp16:
         return Precision("fp16", None, torch.float16)
     if bf16 is False:
