@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="finetune: CPU threads (the job's num_cpus)"
     )
-    parser.add_argument("--workdir", type=Path, default=None, help="finetune: reuse model+data")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="finetune, host: reuse model+data"
+    )
     parser.add_argument("--name", default=None, help="finetune: result file name")
     args = parser.parse_args(argv)
     if args.threads:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench import host
 
             variants = args.variants.split(",") if args.variants else None
-            host.run(args.size, device, variants, out_dir=args.out)
+            host.run(args.size, device, variants, out_dir=args.out, workdir=args.workdir)
         elif what == "load":
             from bench import load
 

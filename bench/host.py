@@ -97,8 +97,9 @@ class StepMeter:
         elif step == PROFILE_STEPS.stop and self._prof is not None:
             torch.cuda.synchronize()
             self._prof.__exit__(None, None, None)
-            events = self._prof.key_averages()
-            total_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+            # kernels only: a CPU op's own device time is its kernels', counted once here
+            kernels = [e for e in self._prof.key_averages() if str(e.device_type).endswith("CUDA")]
+            total_us = sum(e.self_device_time_total for e in kernels)
             self.device_ms.append(total_us / 1000 / len(PROFILE_STEPS))
             self._prof = None
 
@@ -176,11 +177,17 @@ def run_one(prep: dict, size: str, device: str, variant: str) -> dict[str, Any]:
 
 
 def run(
-    size: str, device: str, variants: list[str] | None = None, out_dir: Path = RESULTS
+    size: str,
+    device: str,
+    variants: list[str] | None = None,
+    out_dir: Path = RESULTS,
+    workdir: Path | None = None,
 ) -> dict[str, Any]:
+    """Each variant in its own process on the same model and data (`workdir`: reuse them)."""
     variants = variants or DEFAULT_VARIANTS.get(device, DEFAULT_VARIANTS["cuda"])
     work = SIZES[size]
-    root = Path(tempfile.mkdtemp(prefix=f"bench-host-{size}-"))
+    root = workdir or Path(tempfile.mkdtemp(prefix=f"bench-host-{size}-"))
+    root.mkdir(parents=True, exist_ok=True)
     prep = prepare(root, work, device=device)
     prep_file = root / "prep.json"
     prep_file.write_text(json.dumps(prep))

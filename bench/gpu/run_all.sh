@@ -4,7 +4,10 @@
 #   1. the GPU device tests of tests/finetune (bf16 job on CUDA, varlen kernel == per-sequence loop);
 #   2. finetune, TinyLlama-1.1B shape: baseline, padding-free default, token budget;
 #   3. finetune, OPT-125m shape: the same three;
-#   4. finetune, 1.1B shape, token budget + torch.compile (last: compile time is the least known).
+#   4. host, OPT-125m and 1.1B shapes: ops, host ms and device-busy ms per optimizer step,
+#      baseline vs default (is the default step bound by the host or by the GPU?);
+#   5. (COMPILE=1) finetune, 1.1B shape, token budget + torch.compile (its tracing did not finish
+#      within 200 s in the first run, so it is off by default).
 # Each step gets what is left of BUDGET_S and is killed at its share, so a slow step costs only its
 # own result. Wheels the image lacks (bench/gpu/fetch_wheels.sh puts them in .whl/) are installed
 # into /tmp/site first.
@@ -59,9 +62,9 @@ timeout 90 python3 -m pytest tests/finetune -q -p no:cacheprovider -k "gpu or cu
   >"$OUT/tests.log" 2>&1
 say "device tests exit $? : $(tail -1 "$OUT/tests.log")"
 
-bench() {  # bench NAME SHARE_S ARGS...: one `python -m bench finetune`, killed at its share
-  local name=$1 share=$2
-  shift 2
+bench() {  # bench WHAT NAME SHARE_S ARGS...: one `python -m bench WHAT`, killed at its share
+  local what=$1 name=$2 share=$3
+  shift 3
   local limit
   limit=$(($(left) < share ? $(left) : share))
   if [ "$limit" -lt 20 ]; then
@@ -69,18 +72,22 @@ bench() {  # bench NAME SHARE_S ARGS...: one `python -m bench finetune`, killed 
     return
   fi
   say "$name: up to ${limit}s"
-  timeout --signal=INT --kill-after=10 "$limit" python3 -m bench finetune --device "$DEVICE" \
-    --out "$WORK/results" --name "$name" --deadline-s $((limit * 6 / 10)) "$@" >>"$LOG" 2>&1
+  local extra=()
+  [ "$what" = finetune ] && extra=(--name "$name" --deadline-s $((limit * 6 / 10)))
+  timeout --signal=INT --kill-after=10 "$limit" python3 -m bench "$what" --device "$DEVICE" \
+    --out "$WORK/results" ${extra[@]+"${extra[@]}"} "$@" >>"$LOG" 2>&1
   say "$name: exit $?"
   cp "$WORK/results/$name.json" "$OUT/" 2>/dev/null || say "$name: no result file"
 }
 
-bench "finetune-$SIZE_LLAMA" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
+bench finetune "finetune-$SIZE_LLAMA" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
   --variants baseline,padding_free,token_budget
-bench "finetune-$SIZE_OPT" 120 --size "$SIZE_OPT" --workdir "$WORK/opt" \
+bench finetune "finetune-$SIZE_OPT" 120 --size "$SIZE_OPT" --workdir "$WORK/opt" \
   --variants baseline,padding_free,token_budget
-if [ "${COMPILE:-1}" = 1 ]; then
-  bench "finetune-$SIZE_LLAMA-compile" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
+bench host "host-$SIZE_OPT" 60 --size "$SIZE_OPT" --workdir "$WORK/opt"
+bench host "host-$SIZE_LLAMA" 90 --size "$SIZE_LLAMA" --workdir "$WORK/llama"
+if [ "${COMPILE:-0}" = 1 ]; then
+  bench finetune "finetune-$SIZE_LLAMA-compile" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
     --variants token_budget_compile
 fi
 say "done; tables:"
