@@ -421,3 +421,15 @@ def test_module_import_does_not_import_torch():
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_warm_up_runs_in_a_cold_process_and_loads_what_validate_needs():
+    """The server calls `warm_up` before it listens, so the first submission does not pay for
+    imports and PEFT's one-time tables."""
+    code = (
+        "import sys; from sllm.finetune.peft_lora import PeftLoraBackend; "
+        "PeftLoraBackend().warm_up(); "
+        "missing = [m for m in ('peft', 'transformers', 'accelerate') if m not in sys.modules]; "
+        "assert not missing, missing"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -56,6 +56,9 @@ class Backend(Protocol):
 
     def run(self, spec: JobSpec, reporter: Reporter) -> TrainResult: ...
 
+    # Optional: `warm_up()` pays one-time costs of `validate` (imports, caches) ahead of the
+    # first request; the server calls it at startup when a backend has it.
+
 
 _REGISTRY: dict[str, str] = {"peft_lora": "sllm.finetune.peft_lora:PeftLoraBackend"}
 

@@ -4,17 +4,12 @@ The read routes are `async`: they are one indexed SQLite read each, so they run 
 instead of taking a hop through the threadpool (which, with 100 clients polling on two cores, was
 most of their latency), and they answer with JSON serialised once by pydantic (`_json`), skipping
 FastAPI's re-validation of a model the service has just built. Submit and cancel stay sync: a
-submit validates the config with transformers/peft, which would block the loop.
-
-After the first submission the garbage collector is told to leave everything alive so far alone
-(`gc.freeze`): validation imports transformers and peft (about 370,000 long-lived objects), and a
-full collection walking them paused the whole server for 200-300 ms (measured on the 2-core
-machine), the worst latency any status poll saw.
+submit validates the config with transformers/peft, which would block the loop. (The server
+imports those at startup and then freezes its objects for the garbage collector: see
+`sllm.api.app`.)
 """
 
 from __future__ import annotations
-
-import gc
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
@@ -58,20 +53,7 @@ def _route(method: str, path: str, **kwargs):
 @_route("POST", "/jobs", response_model=SubmitResponse)
 def submit_job(body: FineTuningJobRequest, request: Request) -> SubmitResponse:
     """Submit a fine-tuning job; it starts when its CPUs and GPUs are free."""
-    try:
-        return SubmitResponse(job_id=_jobs(request).submit(body))
-    finally:
-        _freeze_imports_once()
-
-
-_frozen = False
-
-
-def _freeze_imports_once() -> None:
-    global _frozen
-    if not _frozen:
-        _frozen = True
-        gc.freeze()
+    return SubmitResponse(job_id=_jobs(request).submit(body))
 
 
 @_route("GET", "/jobs", response_model=JobList)
