@@ -320,6 +320,44 @@ def test_lora_target_modules_must_exist_in_model(backend, good, ctx):
     reject(backend, cfg, ctx, "backend_config.lora_config.target_modules", "no_such_proj")
 
 
+def test_lora_fit_is_checked_once_per_model_config_and_lora_config(
+    backend, good, data_dir, tmp_path, monkeypatch
+):
+    """Identical submissions reuse the answer (a meta model + LoRA injection each was most of a
+    submission's cost); a changed model config or LoRA config is checked again, and a cached
+    misfit is still refused every time."""
+    import json
+
+    import peft
+
+    storage = tmp_path / "storage"
+    from sllm.store import save_model
+    from sllm.testing import make_tiny_model_dir
+
+    save_model("m", storage, local_model_path=make_tiny_model_dir(tmp_path / "src", arch="llama"))
+    ctx = ValidationContext(storage_path=storage, data_roots=[data_dir], model="m")
+    calls = []
+    real = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    for _ in range(3):
+        backend.validate(good, ctx)
+    assert len(calls) == 1
+    backend.validate(with_(good, "lora_config", {"r": 2}), ctx)
+    assert len(calls) == 2
+    bad = with_(good, "lora_config.target_modules", ["no_such_proj"])
+    for _ in range(2):
+        reject(backend, bad, ctx, "backend_config.lora_config.target_modules", "no_such_proj")
+    assert len(calls) == 3
+
+    config = storage / "transformers" / "m" / "config.json"
+    data = json.loads(config.read_text())
+    data["num_hidden_layers"] = 1
+    config.write_text(json.dumps(data, indent=1))
+    backend.validate(good, ctx)
+    assert len(calls) == 4
+
+
 # --- training_config -----------------------------------------------------------------------------
 
 

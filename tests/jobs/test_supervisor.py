@@ -109,6 +109,25 @@ def test_jobs_run_concurrently_within_capacity(env):
     assert ids[2] in sup.running_ids()
 
 
+def test_a_full_pool_skips_reading_the_queue(env, monkeypatch):
+    """With every CPU taken a pass costs nothing per queued job (1,000 queued submissions each
+    woke a pass that parsed the whole queue); the queue is read again once room appears."""
+    store, launcher, make = env
+    sup = make(cpus=1)
+    first, *queued = [add(store) for _ in range(50)]
+    sup.tick()
+    assert sup.running_ids() == [first]
+    reads = []
+    real = store.pending_in_order
+    monkeypatch.setattr(store, "pending_in_order", lambda: reads.append(1) or real())
+    for _ in range(5):
+        sup.tick()
+    assert reads == [] and all(store.get(j).status is JobStatus.PENDING for j in queued)
+    complete(store, launcher, first)
+    sup.tick()
+    assert reads == [1] and sup.running_ids() == [queued[0]]
+
+
 def test_small_job_backfills_past_one_that_does_not_fit(env):
     store, launcher, make = env
     sup = make(cpus=4, starvation_s=3600)

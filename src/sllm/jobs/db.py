@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sllm.jobs.states import TRANSITIONS, JobStatus, sources_of
 
@@ -120,6 +120,15 @@ class JobRecord:
             worker_host=d["worker_host"],
             resources=json.loads(d["resources_json"]) if d["resources_json"] else None,
         )
+
+
+class QueuedJob(NamedTuple):
+    """A pending job as the scheduler sees it."""
+
+    id: str
+    num_cpus: int
+    num_gpus: int
+    created_time: str
 
 
 class JobStore:
@@ -238,13 +247,15 @@ class JobStore:
         rows = self._read(sql, (*params, limit + 1))
         return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
 
-    def pending_in_order(self) -> list[JobRecord]:
-        """Pending jobs, highest priority first, then oldest first."""
+    def pending_in_order(self) -> list[QueuedJob]:
+        """Pending jobs, highest priority first, then oldest first: only what scheduling reads
+        (the supervisor scans the queue on every pass; full records parse three JSON columns)."""
         rows = self._read(
-            "SELECT * FROM jobs WHERE status = ? ORDER BY priority DESC, seq ASC",
+            "SELECT id, num_cpus, num_gpus, created_time FROM jobs WHERE status = ? "
+            "ORDER BY priority DESC, seq ASC",
             (JobStatus.PENDING.value,),
         )
-        return [JobRecord.from_row(r) for r in rows]
+        return [QueuedJob(r[0], r[1], r[2], r[3]) for r in rows]
 
     def with_status(self, status: JobStatus) -> list[JobRecord]:
         rows = self._read("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status.value,))

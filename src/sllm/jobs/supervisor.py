@@ -221,23 +221,31 @@ class Supervisor:
                 run.kill_sent = True
 
     def _schedule(self) -> None:
-        for rec in self.store.pending_in_order():
-            if not self.pool.fits_ever(rec.num_cpus, rec.num_gpus):
+        # Every job needs at least one CPU: with none free nothing can start, so the queue is not
+        # read at all (a pass per submission over a long queue would otherwise cost O(queue)).
+        # Jobs that can never fit are still failed on the first pass that has room.
+        if self.pool.free()[0] < 1:
+            return
+        for job in self.store.pending_in_order():
+            if not self.pool.fits_ever(job.num_cpus, job.num_gpus):
                 self.store.transition(
-                    rec.id,
+                    job.id,
                     JobStatus.FAILED,
-                    message=f"Job needs {rec.num_cpus} CPUs and {rec.num_gpus} GPUs, more than the "
+                    message=f"Job needs {job.num_cpus} CPUs and {job.num_gpus} GPUs, more than the "
                     f"capacity ({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs).",
                     error_kind=ErrorKind.UNSCHEDULABLE.value,
                 )
                 continue
-            alloc = self.pool.try_acquire(rec.id, rec.num_cpus, rec.num_gpus)
+            alloc = self.pool.try_acquire(job.id, job.num_cpus, job.num_gpus)
             if alloc is None:
-                if _age_seconds(rec.created_time) >= self.starvation_s:
+                if _age_seconds(job.created_time) >= self.starvation_s:
                     return  # reserve: nothing behind a starving job may take its resources
                 continue
-            if not self._launch(rec, alloc):
-                self.pool.release(rec.id)
+            rec = self.store.get(job.id)
+            if rec is None or not self._launch(rec, alloc):  # gone, or no longer pending (CAS)
+                self.pool.release(job.id)
+            if self.pool.free()[0] < 1:
+                return
 
     def _launch(self, rec: JobRecord, alloc) -> bool:
         if not self.store.transition(
