@@ -6,10 +6,13 @@ most of their latency), and they answer with JSON serialised once by pydantic (`
 FastAPI's re-validation of a model the service has just built. Submit and cancel stay sync: a
 submit validates the config with transformers/peft, which would block the loop. (The server
 imports those at startup and then freezes its objects for the garbage collector: see
-`sllm.api.app`.)
+`sllm.api.app`; the first submission freezes again what it left alive, e.g. the worker launcher's
+and the routes' lazily built state.)
 """
 
 from __future__ import annotations
+
+import gc
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
@@ -53,7 +56,20 @@ def _route(method: str, path: str, **kwargs):
 @_route("POST", "/jobs", response_model=SubmitResponse)
 def submit_job(body: FineTuningJobRequest, request: Request) -> SubmitResponse:
     """Submit a fine-tuning job; it starts when its CPUs and GPUs are free."""
-    return SubmitResponse(job_id=_jobs(request).submit(body))
+    try:
+        return SubmitResponse(job_id=_jobs(request).submit(body))
+    finally:
+        _freeze_once()
+
+
+_frozen = False
+
+
+def _freeze_once() -> None:
+    global _frozen
+    if not _frozen:
+        _frozen = True
+        gc.freeze()
 
 
 @_route("GET", "/jobs", response_model=JobList)
