@@ -6,7 +6,8 @@
 #   3. finetune, OPT-125m shape: the same three;
 #   4. host, OPT-125m and 1.1B shapes: ops, host ms and device-busy ms per optimizer step,
 #      baseline vs default (is the default step bound by the host or by the GPU?);
-#   5. (COMPILE=1) finetune, 1.1B shape, token budget + torch.compile (its tracing did not finish
+#   5. load, 1.1B shape (bf16): the store's load_model against from_pretrained, onto the GPU;
+#   6. (COMPILE=1) finetune, 1.1B shape, token budget + torch.compile (its tracing did not finish
 #      within 200 s in the first run, so it is off by default).
 # Each step gets what is left of BUDGET_S and is killed at its share, so a slow step costs only its
 # own result. Wheels the image lacks (bench/gpu/fetch_wheels.sh puts them in .whl/) are installed
@@ -86,6 +87,7 @@ bench finetune "finetune-$SIZE_OPT" 120 --size "$SIZE_OPT" --workdir "$WORK/opt"
   --variants baseline,padding_free,token_budget
 bench host "host-$SIZE_OPT" 60 --size "$SIZE_OPT" --workdir "$WORK/opt"
 bench host "host-$SIZE_LLAMA" 90 --size "$SIZE_LLAMA" --workdir "$WORK/llama"
+bench load "load-$SIZE_LLAMA" 70 --size "$SIZE_LLAMA"
 if [ "${COMPILE:-0}" = 1 ]; then
   bench finetune "finetune-$SIZE_LLAMA-compile" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
     --variants token_budget_compile
