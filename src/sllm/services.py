@@ -48,6 +48,7 @@ class Services:
             starvation_s=settings.starvation_s,
             kill_grace_s=settings.kill_grace_s,
             max_restarts=settings.max_restarts,
+            scratch_root=jobs_dir(storage),
         )
         jobs = JobService(settings, store, pool, supervisor)
         registry = DeploymentRegistry(db_path(storage))

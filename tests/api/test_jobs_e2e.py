@@ -176,18 +176,27 @@ def test_worker_exception_fails_the_job_with_its_reason(storage, server_factory)
 
 
 def test_server_sigkill_loses_no_job(storage, server_factory):
+    """The running job is re-queued and resumes from its last checkpoint; checkpoints are gone
+    once it completes."""
+    from sllm.finetune.checkpoints import latest_complete_checkpoint, read_state
+
     srv = server_factory(storage, "--num-cpus", "1")
-    first = srv.client.post(
-        "/v1/fine-tuning/jobs",
-        json=job_config(storage, training_config={"num_train_epochs": 3}),
-    ).json()["job_id"]
+    cfg = job_config(storage, training_config={"num_train_epochs": 12})
+    cfg["backend_config"]["checkpoint_minutes"] = 0.005  # every 0.3 s
+    first = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
     second = srv.client.post(
         "/v1/fine-tuning/jobs", json=job_config(storage, output_dir="tiny/adapters/second")
     ).json()["job_id"]
     wait_progress(srv, first)
+    scratch = storage / "_jobs" / first / "trainer"
+    deadline = time.monotonic() + 120
+    while latest_complete_checkpoint(scratch) is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
     pid = worker_pid(storage, first)
     srv.kill(signal.SIGKILL)
     wait_dead(pid)  # the worker dies with its server: no orphan trains on
+    saved = read_state(latest_complete_checkpoint(scratch))["global_step"]
 
     again = server_factory(storage, "--num-cpus", "1")
     for job_id in (first, second):
@@ -195,3 +204,6 @@ def test_server_sigkill_loses_no_job(storage, server_factory):
         assert body["status"]["status"] == "completed", body["status"].get("error")
     events = again.client.get(f"/v1/fine_tuning/jobs/{first}/events").json()["data"]
     assert any("re-queued" in e["message"] for e in events)
+    resumed = [e for e in events if e["message"].startswith("Resuming from checkpoint-")]
+    assert len(resumed) == 1 and resumed[0]["data"]["step"] >= saved > 0, resumed
+    assert not scratch.exists()

@@ -253,3 +253,41 @@ def test_transition_table_is_enforced(env):
     assert not store.transition(job, JobStatus.COMPLETED, message="x")  # pending -> completed
     assert store.transition(job, JobStatus.CANCELLED, message="x")
     assert not store.transition(job, JobStatus.RUNNING, message="x")  # terminal stays terminal
+
+
+def test_checkpoints_are_kept_for_a_requeued_job_and_deleted_when_it_ends(env, tmp_path):
+    store, launcher, make = env
+    root = tmp_path / "_jobs"
+
+    def scratch(job):
+        path = root / job / "trainer" / "checkpoint-3"
+        path.mkdir(parents=True, exist_ok=True)
+        return path.parent
+
+    sup = make(cpus=2, scratch_root=root)
+    done, failed, cancelled = add(store), add(store), add(store)
+    sup.tick()
+    for job in (done, failed):
+        scratch(job)
+    complete(store, launcher, done)
+    launcher.handles[failed].rc = 1
+    sup.tick()
+    assert not (root / done / "trainer").exists() and not (root / failed / "trainer").exists()
+    scratch(cancelled)
+    assert sup.running_ids() == [cancelled]
+    store.transition(cancelled, JobStatus.CANCELLED, message="by the test")
+    sup.tick()  # SIGTERM; the fake worker ignores it
+    sup.tick()  # SIGKILL after the (zero) grace period
+    sup.tick()  # reaped
+    assert not (root / cancelled / "trainer").exists()
+
+    # A server restart re-queues a running job: its checkpoints are what it resumes from.
+    again = add(store)
+    sup.tick()
+    kept = scratch(again)
+    fresh = make(cpus=2, scratch_root=root)
+    fresh.recover()
+    assert store.get(again).status is JobStatus.PENDING and kept.exists()
+    fresh.tick()
+    fresh.recover()  # second restart: attempts used up, the job fails and its scratch goes
+    assert store.get(again).status is JobStatus.FAILED and not kept.exists()

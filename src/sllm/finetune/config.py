@@ -81,6 +81,9 @@ class DatasetConfig(BaseModel):
         return dict(self.model_extra or {})
 
 
+DEFAULT_CHECKPOINT_MINUTES = 10.0
+
+
 class BackendConfig(BaseModel):
     """The `backend_config` of a `peft_lora` fine-tuning job."""
 
@@ -126,6 +129,16 @@ class BackendConfig(BaseModel):
         f"accumulation); default {DEFAULT_TOKENS_PER_BATCH['cuda']} on a GPU, "
         f"{DEFAULT_TOKENS_PER_BATCH['cpu']} on CPU (at least the longest row). Must be at least "
         "`max_seq_length`.",
+    )
+    checkpoint_minutes: float = Field(
+        DEFAULT_CHECKPOINT_MINUTES,
+        ge=0,
+        le=24 * 60,
+        description="Minutes between checkpoints (LoRA weights, optimizer and scheduler state, "
+        "RNG, step) in the job's scratch directory; 0 turns them off. A job re-queued after a "
+        "server restart or a lost node resumes from its last checkpoint instead of step 0. "
+        "Checkpoints are deleted when the job ends. (`save_strategy`/`save_steps` in "
+        "`training_config` add checkpoints of their own; the job resumes from those too.)",
     )
 
 

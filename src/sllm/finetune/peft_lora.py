@@ -23,6 +23,12 @@ from typing import Any
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import JobSpec, Reporter, TrainResult, ValidationContext
 from sllm.finetune.batching import plan_batching
+from sllm.finetune.checkpoints import (
+    earlier_losses,
+    latest_complete_checkpoint,
+    periodic_checkpoint_callback,
+    read_state,
+)
 from sllm.finetune.config import (
     DEFAULT_MAX_SEQ_LENGTH,
     BackendConfig,
@@ -70,7 +76,8 @@ class PeftLoraBackend:
         Returned keys: output_dir (relative to `$STORAGE_PATH/transformers`), dataset_config
         (local paths made absolute, extension normalised), lora_config (defaults merged),
         training_config (as given), max_seq_length (None means: decided from the model),
-        batching, tokens_per_batch (None means: the device's default, see `token_budget`).
+        batching, tokens_per_batch (None means: the device's default, see `token_budget`),
+        checkpoint_minutes.
         """
         cfg = parse_backend_config(backend_config)
         storage = Path(ctx.storage_path)
@@ -104,6 +111,7 @@ class PeftLoraBackend:
             "max_seq_length": cfg.max_seq_length,
             "batching": cfg.batching,
             "tokens_per_batch": cfg.tokens_per_batch,
+            "checkpoint_minutes": cfg.checkpoint_minutes,
         }
 
     def warm_up(self) -> None:
@@ -223,13 +231,27 @@ class PeftLoraBackend:
         reporter.event("info", plan.summary(), speed)
 
         tracker = TrainingTracker(reporter)
+        callbacks = [make_progress_callback(tracker)]
+        if cfg.checkpoint_minutes > 0:
+            callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
+        resume = latest_complete_checkpoint(scratch)
+        resumed_from = None
+        if resume is not None:
+            resumed_from = {"checkpoint": resume.name, "step": read_state(resume)["global_step"]}
+            tracker.loss_history = earlier_losses(resume)
+            reporter.event(
+                "info",
+                f"Resuming from {resume.name}, written by an earlier attempt of this job (step "
+                f"{resumed_from['step']}).",
+                resumed_from,
+            )
         trainer = make_trainer(
             model=peft_model,
             args=args,
             train_dataset=plan.train_dataset,
             data_collator=plan.collator,
             processing_class=tokenizer,
-            callbacks=[make_progress_callback(tracker)],
+            callbacks=callbacks,
         )
         reporter.event(
             "info",
@@ -237,7 +259,7 @@ class PeftLoraBackend:
             f"{total:,}).",
             {"trainable_params": trainable, "total_params": total},
         )
-        train_output = trainer.train()
+        train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         state = trainer.state
 
         tokenizer.padding_side = saved_padding_side
@@ -263,6 +285,7 @@ class PeftLoraBackend:
             "training_config": dict(cfg.training_config),
             "training_overrides": overrides,
             "speed": speed,
+            "resumed_from": resumed_from,
             "dataset_config": ds_cfg.model_dump(),
             "loss_history": tracker.loss_history,
             "final_loss": final_loss,

@@ -100,7 +100,10 @@ def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> di
         forced["use_cpu"] = True
     defaults: dict[str, Any] = {
         "logging_steps": CUDA_LOGGING_STEPS if use_cuda else 1,  # a loss point per logging step
-        "save_strategy": "no",  # the adapter is saved by the backend; checkpoints are opt-in
+        # The adapter is saved by the backend; checkpoints for resuming come every
+        # `checkpoint_minutes` (sllm.finetune.checkpoints), only the last one kept.
+        "save_strategy": "no",
+        "save_total_limit": 1,
         "disable_tqdm": True,  # progress goes to the job record, not to the worker's log
     }
     if use_cuda:

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from sllm.jobs.db import JobRecord, JobStore
 from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
 from sllm.jobs.resources import ResourcePool
-from sllm.jobs.states import ErrorKind, JobStatus
+from sllm.jobs.states import TERMINAL, ErrorKind, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,10 @@ class Supervisor:
         starvation_s: float = 600.0,
         kill_grace_s: float = 5.0,
         max_restarts: int = 1,
+        scratch_root: Path | None = None,
     ) -> None:
         self.store = store
+        self.scratch_root = scratch_root  # `_jobs`: per-job trainer scratch (checkpoints)
         self.launcher = launcher
         self.pool = pool
         self.starvation_s = starvation_s
@@ -135,6 +139,7 @@ class Supervisor:
                     f"{rec.attempts - 1} time(s); giving up.",
                     error_kind=ErrorKind.SERVER_RESTART.value,
                 )
+                self._discard_scratch(rec.id)
 
     # --- one pass -----------------------------------------------------------------------
     def tick(self) -> None:
@@ -151,6 +156,14 @@ class Supervisor:
             del self._running[job_id]
             self.pool.release(job_id)
             self._finish(run, rc)
+            rec = self.store.get(job_id)
+            if rec is None or rec.status in TERMINAL:
+                self._discard_scratch(job_id)
+
+    def _discard_scratch(self, job_id: str) -> None:
+        """A job that will not run again needs no checkpoints (it resumes only when re-queued)."""
+        if self.scratch_root is not None:
+            shutil.rmtree(self.scratch_root / job_id / "trainer", ignore_errors=True)
 
     def _finish(self, run: Running, rc: int) -> None:
         rec = self.store.get(run.job_id)
