@@ -31,6 +31,14 @@ def test_flat_collator_varlen_kernel_gets_cumulative_lengths():
     assert packing.SEQ_LENS not in batch
 
 
+def test_flat_collator_mask_kernel_gets_boundaries_as_a_tensor():
+    batch = packing.FlatCollator(0, packing.KERNEL_MASK)(
+        [{"input_ids": [1] * 5}, {"input_ids": [2]}]
+    )
+    assert batch[packing.CU_SEQLENS].tolist() == [0, 5, 6]
+    assert batch[packing.KERNEL] == packing.KERNEL_MASK and packing.SEQ_LENS not in batch
+
+
 def test_padded_collator_counts_real_tokens(tiny_tokenizer):
     batch = packing.PaddedCollator(tiny_tokenizer)(
         [
@@ -87,23 +95,27 @@ def _model(arch: str, tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("kernel", [packing.KERNEL_LOOP, packing.KERNEL_MASK])
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_packed_forward_matches_separate_forwards_with_sllm_attention(arch, tmp_path_factory):
-    """Per-sequence logits of a packed row equal those of each sequence run alone."""
+def test_packed_forward_matches_separate_forwards_with_sllm_attention(
+    arch, kernel, tmp_path_factory
+):
+    """Per-sequence logits of a packed row equal those of each sequence run alone, with the
+    per-sequence loop and with the one masked call (what a compiled model uses on CPU)."""
     import torch
 
     model = _model(arch, tmp_path_factory)
     model.set_attn_implementation(packing.register_attention())
     model.eval()
     rows = [[5, 9, 11, 40, 7], [3, 3, 8, 100, 6, 6, 42, 17], [12, 13]]
-    batch = packing.FlatCollator(2)([{"input_ids": r} for r in rows])
+    batch = packing.FlatCollator(2, kernel)([{"input_ids": r} for r in rows])
     batch.pop(packing.NUM_TOKENS)
     batch.pop("labels")
     with torch.no_grad():
         packed = model(**batch, use_cache=False).logits[0]
         alone = torch.cat([model(input_ids=torch.tensor([r])).logits[0] for r in rows])
     assert (packed - alone).abs().max().item() < 1e-4
-    result = packing.probe(model, packing.FlatCollator(2), device="cpu")
+    result = packing.probe(model, packing.FlatCollator(2, kernel), device="cpu")
     assert result.ok and result.max_error < 1e-4, result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 
 import pytest
 from ft_helpers import PIRATE_DATA, RecordingReporter
@@ -110,3 +111,65 @@ def test_bf16_job_on_cpu_trains_with_lora_inputs_in_the_autocast_dtype(ft_storag
 
     weights = load_file(str(result.adapter_path / "adapter_model.safetensors"))
     assert weights and all(str(t.dtype) == "torch.float32" for t in weights.values())
+
+
+def _job(storage, output: str, **extra) -> dict:
+    cfg = {
+        "output_dir": f"adapters/{output}",
+        "dataset_config": {
+            "dataset_source": "local",
+            "data_files": str(PIRATE_DATA),
+            "extension_type": "json",
+            "tokenization_field": "prompt",
+        },
+        "lora_config": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training_config": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "seed": 3},
+        "max_seq_length": 64,
+        **extra,
+    }
+    ctx = ValidationContext(storage, data_roots=[PIRATE_DATA.parent], model="tiny")
+    spec = JobSpec(output, "tiny", storage, get_backend("peft_lora").validate(cfg, ctx), num_cpus=1)
+    result = get_backend("peft_lora").run(spec, RecordingReporter())
+    return json.loads((result.adapter_path / "training_metadata.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("c++"), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_layers_train_like_eager_with_one_graph_for_every_batch(ft_storage):
+    """`compile`: the decoder layers are compiled once (dynamic shapes) although every batch has
+    another packed length, and the losses are those of the eager run."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    eager = _job(ft_storage, "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _job(ft_storage, "compiled", compile=True)
+
+    speed = compiled["speed"]
+    assert speed["packed"] and speed["attention_kernel"] == packing.KERNEL_MASK
+    assert speed["compiled_layers"] == 2  # the tiny model's decoder layers
+    # 8 steps of different packed lengths; recompiling per batch would give one graph each
+    assert 1 <= speed["compiled_graphs"] <= 4, speed
+    assert compiled["steps"] == eager["steps"] >= 8
+    for mine, theirs in zip(compiled["loss_history"], eager["loss_history"], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_compile_and_whole_model_compile_exclude_each_other(ft_storage):
+    from sllm.errors import InvalidRequestError
+
+    cfg = {
+        "dataset_config": {
+            "dataset_source": "local",
+            "data_files": str(PIRATE_DATA),
+            "extension_type": "json",
+            "tokenization_field": "prompt",
+        },
+        "compile": True,
+        "training_config": {"torch_compile": True},
+    }
+    ctx = ValidationContext(ft_storage, data_roots=[PIRATE_DATA.parent], model="tiny")
+    with pytest.raises(InvalidRequestError) as info:
+        get_backend("peft_lora").validate(cfg, ctx)
+    assert info.value.param == "backend_config.compile"

@@ -75,15 +75,24 @@ def _items(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "no grouping available"
 
 
-def choose_kernels(device_type: str) -> list[str]:
-    """Attention kernels to try for packed rows, fastest first."""
-    if packing.varlen_kernel_available(device_type):
+def choose_kernels(device_type: str, *, compiled: bool = False, half: bool = True) -> list[str]:
+    """Attention kernels to try for packed rows, fastest first. A compiled model needs a kernel
+    whose inputs are tensors (the loop's list of lengths would recompile it for every batch):
+    the varlen kernel where it runs (CUDA, half precision), else one masked SDPA call."""
+    varlen = packing.varlen_kernel_available(device_type)
+    if compiled:
+        return (
+            [packing.KERNEL_VARLEN, packing.KERNEL_MASK]
+            if varlen and half
+            else [packing.KERNEL_MASK]
+        )
+    if varlen:
         return [packing.KERNEL_VARLEN, packing.KERNEL_LOOP]
     return [packing.KERNEL_LOOP]
 
 
 def enable_packing(
-    model, tokenizer, *, device, autocast_dtype
+    model, tokenizer, *, device, autocast_dtype, compiled: bool = False
 ) -> tuple[str | None, dict[str, Any]]:
     """Switch `model` to packed attention if a packed forward reproduces per-sequence logits.
 
@@ -97,7 +106,10 @@ def enable_packing(
     except Exception as exc:  # noqa: BLE001 - an architecture without pluggable attention
         return None, {"ok": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
     result: dict[str, Any] = {}
-    for kernel in choose_kernels(device.type):
+    import torch
+
+    half = autocast_dtype is not None or next(model.parameters()).dtype != torch.float32
+    for kernel in choose_kernels(device.type, compiled=compiled, half=half):
         collator = packing.FlatCollator(tokenizer.pad_token_id, kernel)
         result = packing.probe(model, collator, device=device, autocast_dtype=autocast_dtype)
         result = {**result.as_dict(), "kernel": kernel}
@@ -119,10 +131,13 @@ def plan_batching(
     autocast_dtype=None,
     tokens_per_batch: int | None = None,
     seed: int = 42,
+    compiled: bool = False,
 ) -> BatchingPlan:
     if mode == "padded":
         return BatchingPlan(mode, False, None, packing.PaddedCollator(tokenizer), train_set)
-    kernel, probe = enable_packing(model, tokenizer, device=device, autocast_dtype=autocast_dtype)
+    kernel, probe = enable_packing(
+        model, tokenizer, device=device, autocast_dtype=autocast_dtype, compiled=compiled
+    )
     if mode == "token_budget":
         return _token_budget_plan(kernel, probe, tokenizer, train_set, tokens_per_batch, seed)
     if kernel is not None:

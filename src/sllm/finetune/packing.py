@@ -9,7 +9,11 @@ only within each sequence:
 - on CUDA with half-precision inputs, one call to PyTorch's FlashAttention varlen kernel
   (`torch.nn.attention.varlen`) when this torch has it;
 - otherwise one causal `scaled_dot_product_attention` per sequence (no quadratic cost in the
-  packed length, no dense mask).
+  packed length, no dense mask);
+- for a compiled model (`backend_config.compile`) where the varlen kernel is out (CPU, float32):
+  one SDPA call with a block-diagonal causal mask built from the boundaries tensor. Its memory
+  grows with the square of the packed length, but it has no per-sequence Python, so one compiled
+  graph serves every batch (the loop's list of lengths would recompile the graph per batch).
 
 The boundaries travel as extra keyword arguments of the model's `forward`, which transformers
 passes down to the attention function untouched. Whether an architecture honours all of this
@@ -35,8 +39,11 @@ CU_SEQLENS = "sllm_cu_seqlens"  # int32 tensor [n+1]: the varlen kernel
 MAX_SEQLEN = "sllm_max_seqlen"  # python int, upper bound on a sequence's length
 NUM_TOKENS = "sllm_num_tokens"  # python int: trained (non-pad) tokens; popped before the model
 
+KERNEL = "sllm_kernel"  # str: which of the kernels below the collator prepared the batch for
+
 KERNEL_LOOP = "sdpa_loop"
 KERNEL_VARLEN = "flash_varlen"
+KERNEL_MASK = "sdpa_mask"
 
 
 # ------------------------------------------------------------------------------- attention
@@ -130,6 +137,20 @@ def _sdpa_per_sequence(query, key, value, seq_lens, dropout: float, scaling, n_r
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
+def _sdpa_block_mask(query, key, value, cu_seqlens, scaling, n_rep: int):
+    """One SDPA call over the packed row with a block-diagonal causal mask; [1, T, H, D] out."""
+    import torch
+    import torch.nn.functional as F
+
+    length = query.shape[2]
+    pos = torch.arange(length, device=query.device)
+    seq = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)  # sequence per token
+    mask = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
 def varlen_attention(
     module,
     query,
@@ -155,6 +176,10 @@ def varlen_attention(
         )
     seq_lens = kwargs.get(SEQ_LENS)
     cu_seqlens = kwargs.get(CU_SEQLENS)
+    if cu_seqlens is not None and kwargs.get(KERNEL) == KERNEL_MASK and dropout == 0.0:
+        if query.shape[0] != 1:
+            raise ValueError("packed batches must be a single row")
+        return _sdpa_block_mask(query, key, value, cu_seqlens, scaling, n_rep), None
     if cu_seqlens is not None and query.is_cuda and dropout == 0.0:
         out = _flash_varlen(query, key, value, cu_seqlens, int(kwargs[MAX_SEQLEN]), scaling, n_rep)
         if out is not None:
@@ -227,13 +252,14 @@ class FlatCollator:
             "position_ids": torch.tensor([positions], dtype=torch.long),
             NUM_TOKENS: len(ids),
         }
-        if self.kernel == KERNEL_VARLEN:
+        if self.kernel in (KERNEL_VARLEN, KERNEL_MASK):
             cu = [0]
             for n in lengths:
                 cu.append(cu[-1] + n)
             batch[CU_SEQLENS] = torch.tensor(cu, dtype=torch.int32)
             # Rounded up so that a compiled graph sees few distinct values.
             batch[MAX_SEQLEN] = -(-max(lengths) // 64) * 64
+            batch[KERNEL] = self.kernel
         else:
             batch[SEQ_LENS] = lengths
         return batch

@@ -51,6 +51,8 @@ from sllm.finetune.data import (
 )
 from sllm.finetune.speed import (
     choose_precision,
+    compile_repeated_layers,
+    compiled_graphs,
     configure_threads,
     lora_inputs_follow_autocast,
     make_trainer,
@@ -77,7 +79,7 @@ class PeftLoraBackend:
         (local paths made absolute, extension normalised), lora_config (defaults merged),
         training_config (as given), max_seq_length (None means: decided from the model),
         batching, tokens_per_batch (None means: the device's default, see `token_budget`),
-        checkpoint_minutes.
+        checkpoint_minutes, compile.
         """
         cfg = parse_backend_config(backend_config)
         storage = Path(ctx.storage_path)
@@ -112,6 +114,7 @@ class PeftLoraBackend:
             "batching": cfg.batching,
             "tokens_per_batch": cfg.tokens_per_batch,
             "checkpoint_minutes": cfg.checkpoint_minutes,
+            "compile": cfg.compile,
         }
 
     def warm_up(self) -> None:
@@ -218,12 +221,14 @@ class PeftLoraBackend:
             autocast_dtype=precision.autocast_dtype,
             tokens_per_batch=budget,
             seed=args.data_seed if args.data_seed is not None else args.seed,
+            compiled=cfg.compile,
         )
         if plan.overrides:
             overrides.update(plan.overrides)
             args = build_training_arguments(cfg.training_config, scratch, **overrides)
         speed = {
             **plan.describe(),
+            "compiled_layers": compile_repeated_layers(peft_model) if cfg.compile else 0,
             "precision": precision.name,
             "lora_input_cast": precision.autocast_dtype is None,
             "cpu_threads": None if use_cuda else threads,
@@ -260,6 +265,8 @@ class PeftLoraBackend:
             {"trainable_params": trainable, "total_params": total},
         )
         train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if cfg.compile:
+            speed["compiled_graphs"] = compiled_graphs()
         state = trainer.state
 
         tokenizer.padding_side = saved_padding_side
