@@ -68,20 +68,44 @@ def adapter(path: Path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def test_latest_complete_checkpoint_skips_one_cut_short(tmp_path):
+def _checkpoint(root: Path, step: int, *, state=True, optimizer=True) -> Path:
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    if optimizer:
+        (d / checkpoints.OPTIMIZER_FILE).write_bytes(b"x")
+    if state:
+        body = {"global_step": step, "log_history": [{"step": step, "loss": 1.5}]}
+        (d / checkpoints.STATE_FILE).write_text(json.dumps(body))
+    return d
+
+
+def test_latest_complete_checkpoint_skips_one_cut_short_or_without_optimizer(tmp_path):
     assert checkpoints.latest_complete_checkpoint(tmp_path / "missing") is None
-    for step, complete in ((4, True), (8, True), (12, False)):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        if complete:
-            state = {"global_step": step, "log_history": [{"step": step, "loss": 1.5}]}
-            (d / checkpoints.STATE_FILE).write_text(json.dumps(state))
+    _checkpoint(tmp_path, 4)
+    _checkpoint(tmp_path, 8)
+    _checkpoint(tmp_path, 12, state=False)  # killed mid-save
+    _checkpoint(tmp_path, 16, optimizer=False)  # save_only_model: would reset the optimizer
     (tmp_path / "checkpoint-99").write_text("not a directory")
-    (tmp_path / "checkpoint-10").mkdir()
+    _checkpoint(tmp_path, 10, state=False)
     (tmp_path / "checkpoint-10" / checkpoints.STATE_FILE).write_text("{truncated")
     best = checkpoints.latest_complete_checkpoint(tmp_path)
     assert best == tmp_path / "checkpoint-8"
     assert checkpoints.earlier_losses(best) == [{"step": 8, "loss": 1.5}]
+
+
+def test_checkpoints_of_another_run_are_dropped_not_resumed(tmp_path):
+    scratch = tmp_path / "trainer"
+    first = checkpoints.run_fingerprint(config={"lr": 1}, data="abc")
+    assert checkpoints.resumable_checkpoint(scratch, first) == (None, None)  # nothing yet
+    _checkpoint(scratch, 6)
+    assert checkpoints.resumable_checkpoint(scratch, first) == (scratch / "checkpoint-6", None)
+    # the data file was edited before the job ran again
+    other = checkpoints.run_fingerprint(config={"lr": 1}, data="abd")
+    found, why = checkpoints.resumable_checkpoint(scratch, other)
+    assert found is None and "checkpoint-6 was not resumed" in why
+    assert not (scratch / "checkpoint-6").exists()
+    _checkpoint(scratch, 3)  # written by the new attempt: resumable by the next one
+    assert checkpoints.resumable_checkpoint(scratch, other) == (scratch / "checkpoint-3", None)
 
 
 @pytest.mark.slow

@@ -361,8 +361,10 @@ def test_lora_fit_is_checked_once_per_model_config_and_lora_config(
 def test_checkpoint_minutes_defaults_and_is_validated(backend, good, ctx):
     assert backend.validate(good, ctx)["checkpoint_minutes"] == 10.0
     assert backend.validate(with_(good, "checkpoint_minutes", 0), ctx)["checkpoint_minutes"] == 0
+    assert backend.validate(with_(good, "compile", True), ctx)["compile"] is True
+    reject(backend, with_(good, "compile", "yes"), ctx, "backend_config.compile")
     param = "backend_config.checkpoint_minutes"
-    for bad in (-1, "often", 10_000):
+    for bad in (-1, "often", "5", True, 10_000):
         reject(backend, with_(good, "checkpoint_minutes", bad), ctx, param)
 
 

@@ -291,3 +291,23 @@ def test_checkpoints_are_kept_for_a_requeued_job_and_deleted_when_it_ends(env, t
     fresh.tick()
     fresh.recover()  # second restart: attempts used up, the job fails and its scratch goes
     assert store.get(again).status is JobStatus.FAILED and not kept.exists()
+
+
+def test_checkpoints_go_when_a_requeued_job_ends_without_running_again(env, tmp_path):
+    """Cancelled while pending (no worker to reap) or failed as unschedulable: the checkpoints
+    it kept for resuming are deleted too."""
+    from sllm.config import Settings
+    from sllm.jobs.service import JobService
+
+    store, launcher, make = env
+    root = tmp_path / "_jobs"
+    sup = make(cpus=1, scratch_root=root)
+    cancelled, too_big = add(store), add(store, cpus=4)
+    for job in (cancelled, too_big):
+        (root / job / "trainer" / "checkpoint-2").mkdir(parents=True)
+    service = JobService(Settings(storage_path=tmp_path), store, sup.pool, sup)
+    assert service.cancel(cancelled).status.status == "cancelled"
+    assert not (root / cancelled / "trainer").exists()
+    sup.tick()
+    assert store.get(too_big).status is JobStatus.FAILED
+    assert not (root / too_big / "trainer").exists()

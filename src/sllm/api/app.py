@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -13,6 +14,9 @@ from sllm.api.errors import install_error_handlers
 from sllm.api.routes import fine_tuning, serving
 from sllm.config import Settings
 from sllm.services import Services
+
+WARM_UP_DEADLINE_S = 60.0
+log = logging.getLogger(__name__)
 
 
 def _prewarm() -> None:
@@ -50,7 +54,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         app.state.services = svc
         if owned:
             svc.start()
-        await asyncio.to_thread(_prewarm)  # uvicorn listens once startup is done
+        # uvicorn listens once startup is done; a warm-up that hangs (a stuck driver query, a
+        # slow network filesystem) delays listening by at most WARM_UP_DEADLINE_S.
+        warm = asyncio.ensure_future(asyncio.to_thread(_prewarm))
+        try:
+            await asyncio.wait_for(asyncio.shield(warm), timeout=WARM_UP_DEADLINE_S)
+        except asyncio.TimeoutError:
+            log.warning(
+                "warm-up still running after %.0f s; listening anyway (the first submission "
+                "waits for it)",
+                WARM_UP_DEADLINE_S,
+            )
         try:
             yield
         finally:

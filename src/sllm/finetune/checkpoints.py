@@ -11,19 +11,30 @@ takes), keeping the last one; the supervisor deletes them when the job ends.
 The Trainer writes a checkpoint's files one after another and `trainer_state.json` after the
 weights, optimizer and RNG state, so a directory without a readable `trainer_state.json` was cut
 short (a kill mid-save) and is skipped; the previous one is still there, because rotation deletes
-it only once the new one is written.
+it only once the new one is written. One without `optimizer.pt` (`save_only_model`) would resume
+with a fresh optimizer and schedule, so it is skipped too.
+
+A checkpoint is only resumed by the run it belongs to: each attempt writes a fingerprint of what
+determines the training (the normalised config, the base model's checksum, the tokenized data's
+fingerprint, library versions) beside the checkpoints; when it differs (the data file was edited,
+the server upgraded), the checkpoints are dropped and the job trains from step 0, with an event
+saying why. (Resuming someone else's steps would skip the wrong batches, or none at all.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+FINGERPRINT_FILE = "sllm_fingerprint.json"
 
 
 def read_state(checkpoint: Path) -> dict[str, Any] | None:
@@ -34,16 +45,59 @@ def read_state(checkpoint: Path) -> dict[str, Any] | None:
     return state if isinstance(state, dict) and "global_step" in state else None
 
 
-def latest_complete_checkpoint(scratch: Path) -> Path | None:
-    """The highest-step `checkpoint-N` under `scratch` whose trainer state is readable."""
+def _checkpoints(scratch: Path) -> list[tuple[int, Path]]:
     if not scratch.is_dir():
-        return None
-    found = []
+        return []
+    out = []
     for entry in scratch.iterdir():
         m = _NAME.match(entry.name)
-        if m and entry.is_dir() and read_state(entry) is not None:
-            found.append((int(m.group(1)), entry))
+        if m and entry.is_dir():
+            out.append((int(m.group(1)), entry))
+    return out
+
+
+def latest_complete_checkpoint(scratch: Path) -> Path | None:
+    """The highest-step `checkpoint-N` under `scratch` with a readable trainer state and the
+    optimizer state."""
+    found = [
+        (step, path)
+        for step, path in _checkpoints(scratch)
+        if (path / OPTIMIZER_FILE).is_file() and read_state(path) is not None
+    ]
     return max(found)[1] if found else None
+
+
+def run_fingerprint(**parts: Any) -> str:
+    """A digest of what determines a run's steps (see the module docstring)."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resumable_checkpoint(scratch: Path, fingerprint: str) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from, or None; why checkpoints found were dropped, or None).
+
+    Records `fingerprint` as this attempt's, so the checkpoints it writes can be resumed by the
+    next attempt of the same run.
+    """
+    found = latest_complete_checkpoint(scratch)
+    dropped = None
+    if found is not None:
+        try:
+            stored = json.loads((scratch / FINGERPRINT_FILE).read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            stored = None
+        if stored != fingerprint:
+            for _, path in _checkpoints(scratch):
+                shutil.rmtree(path, ignore_errors=True)
+            dropped = (
+                f"{found.name} was not resumed: the job's configuration, data, base model or "
+                "library versions differ from those of the attempt that wrote it; training "
+                "starts from step 0."
+            )
+            found = None
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return found, dropped
 
 
 def earlier_losses(checkpoint: Path) -> list[dict[str, Any]]:

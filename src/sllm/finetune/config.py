@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from sllm.errors import InvalidRequestError
 
@@ -130,7 +130,7 @@ class BackendConfig(BaseModel):
         f"{DEFAULT_TOKENS_PER_BATCH['cpu']} on CPU (at least the longest row). Must be at least "
         "`max_seq_length`.",
     )
-    compile: bool = Field(
+    compile: StrictBool = Field(
         False,
         description="Compile the model's repeated decoder layers with `torch.compile` (dynamic "
         "shapes: one compile serves every batch length, and one layer's graph serves all "
@@ -142,6 +142,7 @@ class BackendConfig(BaseModel):
     )
     checkpoint_minutes: float = Field(
         DEFAULT_CHECKPOINT_MINUTES,
+        strict=True,  # a number: not "5", not true
         ge=0,
         le=24 * 60,
         description="Minutes between checkpoints (LoRA weights, optimizer and scheduler state, "

@@ -11,6 +11,7 @@ Importing this module does not import torch.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,10 @@ from sllm.finetune.base import JobSpec, Reporter, TrainResult, ValidationContext
 from sllm.finetune.batching import plan_batching
 from sllm.finetune.checkpoints import (
     earlier_losses,
-    latest_complete_checkpoint,
     periodic_checkpoint_callback,
     read_state,
+    resumable_checkpoint,
+    run_fingerprint,
 )
 from sllm.finetune.config import (
     DEFAULT_MAX_SEQ_LENGTH,
@@ -208,8 +210,7 @@ class PeftLoraBackend:
         set_seed(args.seed)  # LoRA's random init follows the job's seed, like the rest
         peft_model = get_peft_model(model, lora_obj)
         trainable, total = peft_model.get_nb_trainable_parameters()
-        if precision.autocast_dtype is not None:
-            lora_inputs_follow_autocast(peft_model)
+        uncast = lora_inputs_follow_autocast(peft_model) if precision.autocast_dtype else 0
 
         plan = plan_batching(
             cfg.batching,
@@ -230,7 +231,7 @@ class PeftLoraBackend:
             **plan.describe(),
             "compiled_layers": compile_repeated_layers(peft_model) if cfg.compile else 0,
             "precision": precision.name,
-            "lora_input_cast": precision.autocast_dtype is None,
+            "lora_layers_without_input_cast": uncast,
             "cpu_threads": None if use_cuda else threads,
         }
         reporter.event("info", plan.summary(), speed)
@@ -239,7 +240,17 @@ class PeftLoraBackend:
         callbacks = [make_progress_callback(tracker)]
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
-        resume = latest_complete_checkpoint(scratch)
+        manifest = read_manifest(storage, spec.model) or {}
+        fingerprint = run_fingerprint(
+            config=cfg.model_dump(exclude={"checkpoint_minutes"}),
+            base_model=manifest.get("checksum"),
+            data=getattr(train_set, "_fingerprint", None) or len(train_set),
+            max_seq_length=max_len,
+            versions=library_versions(),
+        )
+        resume, dropped = resumable_checkpoint(scratch, fingerprint)
+        if dropped:
+            reporter.event("warning", dropped)
         resumed_from = None
         if resume is not None:
             resumed_from = {"checkpoint": resume.name, "step": read_state(resume)["global_step"]}
@@ -274,7 +285,6 @@ class PeftLoraBackend:
         if final_loss is None and train_output.training_loss is not None:
             final_loss = float(train_output.training_loss)
         runtime_s = round(time.monotonic() - started, 3)
-        manifest = read_manifest(storage, spec.model) or {}
         metadata = {
             "format_version": METADATA_FORMAT_VERSION,
             "backend": self.name,
@@ -331,17 +341,20 @@ class TrainingTracker:
         self.last_lr: float | None = None
         self._t0: float | None = None
         self._first_step = 0
+        self._first_tokens = 0
 
     def train_begin(self, state) -> None:
         self._t0 = time.monotonic()
-        self._first_step = int(state.global_step or 0)
+        self._first_step = int(state.global_step or 0)  # > 0 when resuming from a checkpoint
+        self._first_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def report(self, state) -> None:
         step = int(state.global_step or 0)
         total = int(state.max_steps or 0) or None
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         elapsed = time.monotonic() - self._t0 if self._t0 is not None else None
-        tps = tokens / elapsed if elapsed and elapsed > 0 else None
+        done_tokens = tokens - self._first_tokens  # this attempt's, as `elapsed` is
+        tps = done_tokens / elapsed if elapsed and elapsed > 0 else None
         eta = None
         done = step - self._first_step
         if elapsed and done > 0 and total:
@@ -531,23 +544,24 @@ def _check_lora_targets(storage: Path, model: str, lora: dict[str, Any]) -> None
     """Apply the LoRA config to a weightless (meta-device) copy of the model: bad
     `target_modules` (or an architecture PEFT has no defaults for) fail here, not in the job.
 
-    The outcome is remembered per (model config file as it is now, LoRA config): building the
+    The outcome is remembered per (model config as it is now, LoRA config): building the
     skeleton and injecting LoRA costs 5-100 ms depending on depth, paid by every submission
-    otherwise; the same model with the same LoRA config gives the same answer."""
+    otherwise; the same model config with the same LoRA config gives the same answer."""
     try:
         path = model_dir(storage, model) / "config.json"
-        st = path.stat()
+        content = path.read_bytes()  # a few KB: keying on it, not on mtime, is exact
         key = json.dumps(lora, sort_keys=True, default=str)
     except (InvalidRequestError, OSError, TypeError, ValueError):
         return  # an unreadable model is the run's problem, not validation's
-    problem = _lora_fit_problem(str(path), st.st_mtime_ns, st.st_size, key, model)
+    digest = hashlib.sha256(content).hexdigest()
+    problem = _lora_fit_problem(str(path), digest, key, model)
     if problem is not None:
         raise InvalidRequestError(problem[0], param=problem[1])
 
 
 @functools.lru_cache(maxsize=256)
 def _lora_fit_problem(
-    config_path: str, mtime_ns: int, size: int, lora_json: str, model: str
+    config_path: str, config_digest: str, lora_json: str, model: str
 ) -> tuple[str, str] | None:
     """(message, param) if the LoRA config does not fit the model, else None."""
     try:

@@ -152,5 +152,7 @@ class JobService:
             )
         if not self.store.transition(job_id, JobStatus.CANCELLED, message="Cancelled by user."):
             return self.cancel(job_id)  # it moved under us: answer for its new state
+        if rec.status is JobStatus.PENDING:  # no worker to reap: drop a re-queued job's checkpoints
+            self.supervisor.discard_scratch(job_id)
         self.supervisor.wake()
         return to_wire(self._get(job_id))

@@ -139,7 +139,7 @@ class Supervisor:
                     f"{rec.attempts - 1} time(s); giving up.",
                     error_kind=ErrorKind.SERVER_RESTART.value,
                 )
-                self._discard_scratch(rec.id)
+                self.discard_scratch(rec.id)
 
     # --- one pass -----------------------------------------------------------------------
     def tick(self) -> None:
@@ -158,10 +158,12 @@ class Supervisor:
             self._finish(run, rc)
             rec = self.store.get(job_id)
             if rec is None or rec.status in TERMINAL:
-                self._discard_scratch(job_id)
+                self.discard_scratch(job_id)
 
-    def _discard_scratch(self, job_id: str) -> None:
-        """A job that will not run again needs no checkpoints (it resumes only when re-queued)."""
+    def discard_scratch(self, job_id: str) -> None:
+        """A job that will not run again needs no checkpoints (it resumes only when re-queued).
+        Called for every way a job can end: its worker reaped, a restart or lost node once too
+        often, cancelled while pending (by the service), never fitting."""
         if self.scratch_root is not None:
             shutil.rmtree(self.scratch_root / job_id / "trainer", ignore_errors=True)
 
@@ -248,6 +250,7 @@ class Supervisor:
                     f"capacity ({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs).",
                     error_kind=ErrorKind.UNSCHEDULABLE.value,
                 )
+                self.discard_scratch(job.id)  # a re-queued job may have checkpoints
                 continue
             alloc = self.pool.try_acquire(job.id, job.num_cpus, job.num_gpus)
             if alloc is None:
