@@ -21,7 +21,7 @@ from bench.finetune_runs import VARIANTS, measure
 from bench.workload import SIZES, prepare
 
 CPU_VARIANTS = ["baseline", "padding_free", "token_budget"]
-GPU_VARIANTS = ["baseline", "padding_free", "token_budget", "token_budget_compile"]
+GPU_VARIANTS = ["baseline", "padding_free", "token_budget", "padding_free_compile"]
 
 
 def base_params(work) -> int:

@@ -32,7 +32,8 @@ VARIANTS = {
     "padding_free": "job path, default (padding-free)",
     "padding_free_bf16": "job path, default + bf16 autocast (CUDA's default precision)",
     "token_budget": "job path, batching=token_budget",
-    "token_budget_compile": "job path, token_budget + torch_compile",
+    "padding_free_compile": "job path, default + compile (decoder layers)",
+    "token_budget_compile": "job path, token_budget + compile (decoder layers)",
 }
 
 
@@ -160,15 +161,13 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
 
     storage = Path(prep["storage"])
     batching = "token_budget" if variant.startswith("token_budget") else variant
-    batching = batching.removesuffix("_bf16")
+    batching = batching.removesuffix("_bf16").removesuffix("_compile")
     training = {
         "per_device_train_batch_size": work.batch_size,
         "num_train_epochs": work.epochs,
         "learning_rate": work.learning_rate,
         "seed": 0,
     }
-    if variant.endswith("_compile"):
-        training["torch_compile"] = True
     if variant.endswith("_bf16"):
         training["bf16"] = True
     cfg: dict[str, Any] = {
@@ -183,6 +182,7 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
         "training_config": training,
         "max_seq_length": work.max_seq_length,
         "batching": batching,
+        "compile": variant.endswith("_compile"),
     }
     if batching == "token_budget" and work.tokens_per_batch:
         cfg["tokens_per_batch"] = work.tokens_per_batch

@@ -1,29 +1,28 @@
 #!/usr/bin/env bash
-# Every GPU measurement of bench/README.md in one run, sized to finish in about 7 minutes on one
+# Every GPU measurement of bench/README.md in one run, sized to finish in about 8 minutes on one
 # H200, writing JSON and logs to $OUT (the device tool brings back at most 8 files):
 #   1. the GPU device tests of tests/finetune (bf16 job on CUDA, varlen kernel == per-sequence loop);
-#   2. finetune, TinyLlama-1.1B shape: baseline, padding-free default, token budget;
-#   3. finetune, OPT-125m shape: the same three;
-#   4. host, OPT-125m and 1.1B shapes: ops, host ms and device-busy ms per optimizer step,
+#   2. finetune, TinyLlama-1.1B shape: baseline, padding-free default, token budget, and the
+#      default with `compile` (decoder layers; last, as its compile time is the least known);
+#   3. finetune, OPT-125m shape: the same four;
+#   4. host, 1.1B and OPT-125m shapes: ops, host ms and device-busy ms per optimizer step,
 #      baseline vs default (is the default step bound by the host or by the GPU?);
-#   5. load, 1.1B shape (bf16): the store's load_model against from_pretrained, onto the GPU;
-#   6. (COMPILE=1) finetune, 1.1B shape, token budget + torch.compile (its tracing did not finish
-#      within 200 s in the first run, so it is off by default).
+#   5. load, 1.1B shape (bf16): the store's load_model against from_pretrained, onto the GPU.
 # Each step gets what is left of BUDGET_S and is killed at its share, so a slow step costs only its
 # own result. Wheels the image lacks (bench/gpu/fetch_wheels.sh puts them in .whl/) are installed
 # into /tmp/site first.
 #
 # Dry run on a CPU (same code path, tiny shapes, a minute or two):
 #   . .venv/bin/activate
-#   OUT=/tmp/gpu-dry DEVICE=cpu SIZE_LLAMA=tiny SIZE_OPT=tiny-opt SKIP_WHEELS=1 COMPILE=0 \
-#     bash bench/gpu/run_all.sh
+#   OUT=/tmp/gpu-dry DEVICE=cpu SIZE_LLAMA=tiny SIZE_OPT=tiny-opt SKIP_WHEELS=1 \
+#     VARIANTS=baseline,padding_free,token_budget bash bench/gpu/run_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/sllm-gpu-out}"
 DEVICE="${DEVICE:-cuda}"
 SIZE_LLAMA="${SIZE_LLAMA:-llama-1.1b}"
 SIZE_OPT="${SIZE_OPT:-opt-125m}"
-BUDGET_S="${BUDGET_S:-420}"
+BUDGET_S="${BUDGET_S:-500}"
 WORK="${WORK:-/tmp/sllm-gpu-work}"
 mkdir -p "$OUT" "$WORK/results"
 LOG="$OUT/run.log"
@@ -81,17 +80,14 @@ bench() {  # bench WHAT NAME SHARE_S ARGS...: one `python -m bench WHAT`, killed
   cp "$WORK/results/$name.json" "$OUT/" 2>/dev/null || say "$name: no result file"
 }
 
-bench finetune "finetune-$SIZE_LLAMA" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
-  --variants baseline,padding_free,token_budget
-bench finetune "finetune-$SIZE_OPT" 120 --size "$SIZE_OPT" --workdir "$WORK/opt" \
-  --variants baseline,padding_free,token_budget
-bench host "host-$SIZE_OPT" 60 --size "$SIZE_OPT" --workdir "$WORK/opt"
+VARIANTS="${VARIANTS:-baseline,padding_free,token_budget,padding_free_compile}"
+bench finetune "finetune-$SIZE_LLAMA" 260 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
+  --variants "$VARIANTS"
+bench finetune "finetune-$SIZE_OPT" 150 --size "$SIZE_OPT" --workdir "$WORK/opt" \
+  --variants "$VARIANTS"
 bench host "host-$SIZE_LLAMA" 90 --size "$SIZE_LLAMA" --workdir "$WORK/llama"
+bench host "host-$SIZE_OPT" 60 --size "$SIZE_OPT" --workdir "$WORK/opt"
 bench load "load-$SIZE_LLAMA" 70 --size "$SIZE_LLAMA"
-if [ "${COMPILE:-0}" = 1 ]; then
-  bench finetune "finetune-$SIZE_LLAMA-compile" 200 --size "$SIZE_LLAMA" --workdir "$WORK/llama" \
-    --variants token_budget_compile
-fi
 say "done; tables:"
 grep -A8 "^| variant" "$LOG" | tail -40 >>"$LOG"
 tail -45 "$LOG"
