@@ -175,3 +175,52 @@ def test_compile_and_whole_model_compile_exclude_each_other(ft_storage):
     with pytest.raises(InvalidRequestError) as info:
         get_backend("peft_lora").validate(cfg, ctx)
     assert info.value.param == "backend_config.compile"
+
+
+def test_cuda_compiled_layers_with_varlen_attention_train_like_eager(ft_storage):
+    """Device check (skipped without CUDA): `compile` on a GPU, where packed rows go through the
+    FlashAttention varlen kernel inside the compiled layers, in bf16."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not packing.varlen_kernel_available("cuda"):
+        pytest.skip(f"torch {torch.__version__} has no varlen attention")
+
+    def run(output: str, **extra) -> dict:
+        cfg = {
+            "output_dir": f"adapters/{output}",
+            "dataset_config": {
+                "dataset_source": "local",
+                "data_files": str(PIRATE_DATA),
+                "extension_type": "json",
+                "tokenization_field": "prompt",
+            },
+            "lora_config": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
+            "training_config": {
+                "num_train_epochs": 2,
+                "per_device_train_batch_size": 16,
+                "seed": 3,
+                "logging_steps": 1,
+            },
+            "max_seq_length": 64,
+            **extra,
+        }
+        ctx = ValidationContext(ft_storage, data_roots=[PIRATE_DATA.parent], model="tiny")
+        normalised = get_backend("peft_lora").validate(cfg, ctx)
+        spec = JobSpec(output, "tiny", ft_storage, normalised, num_cpus=2, num_gpus=1)
+        result = get_backend("peft_lora").run(spec, RecordingReporter())
+        return json.loads((result.adapter_path / "training_metadata.json").read_text())
+
+    eager = run("cuda-eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run("cuda-compiled", compile=True)
+    speed = compiled["speed"]
+    assert compiled["device"] == "cuda" and speed["precision"] == "bf16"
+    assert speed["attention_kernel"] == packing.KERNEL_VARLEN and speed["compiled_layers"] == 2
+    assert 1 <= speed["compiled_graphs"] <= 4, speed
+    assert len(compiled["loss_history"]) == len(eager["loss_history"]) >= 16
+    for mine, theirs in zip(compiled["loss_history"], eager["loss_history"], strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=3e-2), (mine, theirs)
