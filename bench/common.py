@@ -155,3 +155,17 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def run_child(module: str, variant: str, size: str, prep_file: Path, device: str) -> dict:
+    """`python -m MODULE --variant V --size S --prep P --device D` in a fresh process (a clean
+    peak memory and no state shared between variants): the JSON of its `RESULT ` line."""
+    cmd = [sys.executable, "-m", module, "--variant", variant, "--size", size]
+    cmd += ["--prep", str(prep_file), "--device", device]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, bar_plot, machine, markdown_table, median, write_results
+from bench.common import (
+    RESULTS,
+    bar_plot,
+    machine,
+    markdown_table,
+    median,
+    run_child,
+    write_results,
+)
 from bench.finetune_runs import VARIANTS, measure
 from bench.workload import SIZES, prepare
 
@@ -36,15 +42,7 @@ def base_params(work) -> int:
 
 
 def _run_child(variant: str, size: str, prep_file: Path, device: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.finetune_runs", "--variant", variant, "--size", size]
-    cmd += ["--prep", str(prep_file), "--device", device]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return run_child("bench.finetune_runs", variant, size, prep_file, device)
 
 
 def summarise(runs: list[dict], variants: list[str], n_params: int) -> list[dict[str, Any]]:

@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, machine, markdown_table, write_results
+from bench.common import RESULTS, machine, markdown_table, run_child, write_results
 from bench.finetune_runs import VARIANTS, measure
 from bench.workload import SIZES, prepare
 
@@ -194,7 +192,7 @@ def run(
     runs = []
     for variant in variants:
         print(f"[host:{size}] {variant} ...", flush=True)
-        runs.append(_child(variant, size, prep_file, device))
+        runs.append(run_child("bench.host", variant, size, prep_file, device))
     rows = []
     for r in runs:
         h = r["host"]
@@ -243,18 +241,6 @@ def run(
 
 def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
-
-
-def _child(variant: str, size: str, prep_file: Path, device: str) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.host", "--variant", variant, "--size", size]
-    cmd += ["--prep", str(prep_file), "--device", device]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=3600)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"{variant} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PIRATE_DATA = REPO_ROOT / "examples" / "fine_tuning" / "data" / "pirate_prompts.jsonl"
 
 
+def pirate_dataset() -> dict[str, Any]:
+    """`dataset_config` for the demo's pirate prompts (121 rows)."""
+    return {
+        "dataset_source": "local",
+        "data_files": str(PIRATE_DATA),
+        "extension_type": "json",
+        "tokenization_field": "prompt",
+    }
+
+
 class RecordingReporter:
     """A `Reporter` that keeps every call, in order."""
 

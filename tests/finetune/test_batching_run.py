@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from ft_helpers import PIRATE_DATA, RecordingReporter
+from ft_helpers import PIRATE_DATA, RecordingReporter, pirate_dataset
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune import batching, speed
@@ -20,12 +20,7 @@ def backend():
 def config(batching_mode: str, output: str, **extra) -> dict:
     return {
         "output_dir": f"adapters/{output}",
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": str(PIRATE_DATA),
-            "extension_type": "json",
-            "tokenization_field": "prompt",
-        },
+        "dataset_config": pirate_dataset(),
         # no dropout: the runs must be deterministic to compare them step by step
         "lora_config": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
         "training_config": {

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from ft_helpers import PIRATE_DATA, RecordingReporter
+from ft_helpers import PIRATE_DATA, RecordingReporter, pirate_dataset
 
 from sllm.finetune import checkpoints
 from sllm.finetune.base import JobSpec, ValidationContext, get_backend
@@ -39,12 +39,7 @@ get_backend("peft_lora").run(spec, Quiet())
 def config(output: str, checkpoint_minutes: float) -> dict:
     return {
         "output_dir": f"adapters/{output}",
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": str(PIRATE_DATA),
-            "extension_type": "json",
-            "tokenization_field": "prompt",
-        },
+        "dataset_config": pirate_dataset(),
         "lora_config": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
         "training_config": {
             "num_train_epochs": 25,

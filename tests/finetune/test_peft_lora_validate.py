@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ft_helpers import PIRATE_DATA, write_jsonl
+from ft_helpers import PIRATE_DATA, pirate_dataset, write_jsonl
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import ValidationContext, get_backend
@@ -123,14 +123,7 @@ def test_jsonl_extension_is_normalised(backend, good, ctx):
 
 def test_shipped_demo_dataset_validates(backend, ft_storage):
     ctx = ValidationContext(ft_storage, data_roots=[PIRATE_DATA.parent], model="tiny")
-    cfg = {
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": str(PIRATE_DATA),
-            "extension_type": "json",
-            "tokenization_field": "prompt",
-        }
-    }
+    cfg = {"dataset_config": pirate_dataset()}
     assert backend.validate(cfg, ctx)["dataset_config"]["data_files"] == str(PIRATE_DATA)
 
 

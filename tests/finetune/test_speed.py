@@ -12,7 +12,7 @@ import json
 import shutil
 
 import pytest
-from ft_helpers import PIRATE_DATA, RecordingReporter
+from ft_helpers import PIRATE_DATA, RecordingReporter, pirate_dataset
 
 from sllm.finetune import packing, speed
 from sllm.finetune.base import JobSpec, ValidationContext, get_backend
@@ -88,12 +88,7 @@ def test_bf16_job_on_cpu_trains_with_lora_inputs_in_the_autocast_dtype(ft_storag
     backend = get_backend("peft_lora")
     cfg = {
         "output_dir": "adapters/bf16-cpu",
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": str(PIRATE_DATA),
-            "extension_type": "json",
-            "tokenization_field": "prompt",
-        },
+        "dataset_config": pirate_dataset(),
         "lora_config": {"r": 4, "lora_alpha": 16},
         "training_config": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "bf16": True},
         "max_seq_length": 64,
@@ -115,22 +110,25 @@ def test_bf16_job_on_cpu_trains_with_lora_inputs_in_the_autocast_dtype(ft_storag
     assert weights and all(str(t.dtype) == "torch.float32" for t in weights.values())
 
 
-def _job(storage, output: str, **extra) -> dict:
+def _job(storage, output: str, *, num_gpus: int = 0, training=None, **extra) -> dict:
+    """One `peft_lora` run on the tiny model and the pirate prompts, deterministic (no dropout);
+    returns its training metadata."""
     cfg = {
         "output_dir": f"adapters/{output}",
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": str(PIRATE_DATA),
-            "extension_type": "json",
-            "tokenization_field": "prompt",
-        },
+        "dataset_config": pirate_dataset(),
         "lora_config": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
-        "training_config": {"num_train_epochs": 1, "per_device_train_batch_size": 16, "seed": 3},
+        "training_config": {
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 16,
+            "seed": 3,
+            **(training or {}),
+        },
         "max_seq_length": 64,
         **extra,
     }
     ctx = ValidationContext(storage, data_roots=[PIRATE_DATA.parent], model="tiny")
-    spec = JobSpec(output, "tiny", storage, get_backend("peft_lora").validate(cfg, ctx), num_cpus=1)
+    normalised = get_backend("peft_lora").validate(cfg, ctx)
+    spec = JobSpec(output, "tiny", storage, normalised, num_cpus=1, num_gpus=num_gpus)
     result = get_backend("peft_lora").run(spec, RecordingReporter())
     return json.loads((result.adapter_path / "training_metadata.json").read_text())
 
@@ -162,12 +160,7 @@ def test_compile_and_whole_model_compile_exclude_each_other(ft_storage):
     from sllm.errors import InvalidRequestError
 
     cfg = {
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": str(PIRATE_DATA),
-            "extension_type": "json",
-            "tokenization_field": "prompt",
-        },
+        "dataset_config": pirate_dataset(),
         "compile": True,
         "training_config": {"torch_compile": True},
     }
@@ -189,29 +182,8 @@ def test_cuda_compiled_layers_with_varlen_attention_train_like_eager(ft_storage)
         pytest.skip(f"torch {torch.__version__} has no varlen attention")
 
     def run(output: str, **extra) -> dict:
-        cfg = {
-            "output_dir": f"adapters/{output}",
-            "dataset_config": {
-                "dataset_source": "local",
-                "data_files": str(PIRATE_DATA),
-                "extension_type": "json",
-                "tokenization_field": "prompt",
-            },
-            "lora_config": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
-            "training_config": {
-                "num_train_epochs": 2,
-                "per_device_train_batch_size": 16,
-                "seed": 3,
-                "logging_steps": 1,
-            },
-            "max_seq_length": 64,
-            **extra,
-        }
-        ctx = ValidationContext(ft_storage, data_roots=[PIRATE_DATA.parent], model="tiny")
-        normalised = get_backend("peft_lora").validate(cfg, ctx)
-        spec = JobSpec(output, "tiny", ft_storage, normalised, num_cpus=2, num_gpus=1)
-        result = get_backend("peft_lora").run(spec, RecordingReporter())
-        return json.loads((result.adapter_path / "training_metadata.json").read_text())
+        training = {"num_train_epochs": 2, "logging_steps": 1}
+        return _job(ft_storage, output, num_gpus=1, training=training, **extra)
 
     eager = run("cuda-eager")
     torch._dynamo.reset()
