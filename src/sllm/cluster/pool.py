@@ -19,11 +19,10 @@ The pool is plain Python; it never imports Ray.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
-from sllm.jobs.resources import Allocation
+from sllm.jobs.resources import Allocation, AllocationLedger
 
 
 @dataclass(frozen=True)
@@ -34,15 +33,14 @@ class NodeCapacity:
     address: str = ""
 
 
-class ClusterPool:
+class ClusterPool(AllocationLedger):
     def __init__(
         self, nodes: list[NodeCapacity] | None = None, *, forget_after_s: float = 600.0
     ) -> None:
+        super().__init__()
         self.forget_after_s = forget_after_s
-        self._lock = threading.Lock()
         self._nodes: dict[str, NodeCapacity] = {}
         self._gone: dict[str, tuple[NodeCapacity, float]] = {}  # node id -> (node, left at)
-        self._held: dict[str, Allocation] = {}
         self.set_nodes(nodes or [])
 
     # --- capacity -----------------------------------------------------------------------
@@ -93,32 +91,20 @@ class ClusterPool:
             room = [self._room_locked(n) for n in self._nodes.values()]
         return sum(c for c, _ in room), list(range(sum(len(g) for _, g in room)))
 
-    def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
-        with self._lock:
-            if owner in self._held:
-                return self._held[owner]
-            best: tuple[tuple[int, int, int], NodeCapacity, list[int]] | None = None
-            for order, node in enumerate(self._nodes.values()):
-                free_cpus, free_gpus = self._room_locked(node)
-                if cpus > free_cpus or gpus > len(free_gpus):
-                    continue
-                key = (len(free_gpus) - gpus, free_cpus - cpus, order)
-                if best is None or key < best[0]:
-                    best = (key, node, free_gpus)
-            if best is None:
-                return None
-            _, node, free_gpus = best
-            alloc = Allocation(owner, cpus, tuple(free_gpus[:gpus]), node=node.node_id)
-            self._held[owner] = alloc
-            return alloc
-
-    def release(self, owner: str) -> None:
-        with self._lock:
-            self._held.pop(owner, None)
-
-    def held(self) -> dict[str, Allocation]:
-        with self._lock:
-            return dict(self._held)
+    def _place_locked(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
+        """The live node the request fits best (fewest GPUs, then CPUs, left over)."""
+        best: tuple[tuple[int, int, int], NodeCapacity, list[int]] | None = None
+        for order, node in enumerate(self._nodes.values()):
+            free_cpus, free_gpus = self._room_locked(node)
+            if cpus > free_cpus or gpus > len(free_gpus):
+                continue
+            key = (len(free_gpus) - gpus, free_cpus - cpus, order)
+            if best is None or key < best[0]:
+                best = (key, node, free_gpus)
+        if best is None:
+            return None
+        _, node, free_gpus = best
+        return Allocation(owner, cpus, tuple(free_gpus[:gpus]), node=node.node_id)
 
     def _room_locked(self, node: NodeCapacity) -> tuple[int, list[int]]:
         on_node = [a for a in self._held.values() if a.node == node.node_id]

@@ -61,12 +61,41 @@ def require_fit(pool, cpus: int, gpus: int, what: str) -> None:
     )
 
 
-class ResourcePool:
-    def __init__(self, num_cpus: int, gpu_ids: list[int]) -> None:
-        self.total_cpus = num_cpus
-        self.gpu_ids = list(gpu_ids)
+class AllocationLedger:
+    """Who holds what, for both pools (this machine's `ResourcePool`, the Ray `ClusterPool`):
+    thread-safe, one allocation per owner (asking again returns it). A pool says where a request
+    fits in `_place_locked`."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[str, Allocation] = {}
+
+    def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
+        with self._lock:
+            if owner in self._held:
+                return self._held[owner]
+            alloc = self._place_locked(owner, cpus, gpus)
+            if alloc is not None:
+                self._held[owner] = alloc
+            return alloc
+
+    def _place_locked(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
+        raise NotImplementedError
+
+    def release(self, owner: str) -> None:
+        with self._lock:
+            self._held.pop(owner, None)
+
+    def held(self) -> dict[str, Allocation]:
+        with self._lock:
+            return dict(self._held)
+
+
+class ResourcePool(AllocationLedger):
+    def __init__(self, num_cpus: int, gpu_ids: list[int]) -> None:
+        super().__init__()
+        self.total_cpus = num_cpus
+        self.gpu_ids = list(gpu_ids)
 
     @property
     def total_gpus(self) -> int:
@@ -84,21 +113,8 @@ class ResourcePool:
     def fits_ever(self, cpus: int, gpus: int) -> bool:
         return cpus <= self.total_cpus and gpus <= self.total_gpus
 
-    def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
-        with self._lock:
-            if owner in self._held:
-                return self._held[owner]
-            free_cpus, free_gpus = self._free_locked()
-            if cpus > free_cpus or gpus > len(free_gpus):
-                return None
-            alloc = Allocation(owner, cpus, tuple(free_gpus[:gpus]))
-            self._held[owner] = alloc
-            return alloc
-
-    def release(self, owner: str) -> None:
-        with self._lock:
-            self._held.pop(owner, None)
-
-    def held(self) -> dict[str, Allocation]:
-        with self._lock:
-            return dict(self._held)
+    def _place_locked(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
+        free_cpus, free_gpus = self._free_locked()
+        if cpus > free_cpus or gpus > len(free_gpus):
+            return None
+        return Allocation(owner, cpus, tuple(free_gpus[:gpus]))
