@@ -58,7 +58,7 @@ import inspect; print("varlen_attn", inspect.signature(varlen.varlen_attn))' 2>&
 say "env: $(tr '\n' ' ' <"$OUT/env.txt" | cut -c1-600)"
 
 say "device tests"
-timeout 200 python3 -m pytest tests/finetune -q -p no:cacheprovider -k "gpu or cuda" \
+timeout 150 python3 -m pytest tests/finetune -q -p no:cacheprovider -k "gpu or cuda" \
   >"$OUT/tests.log" 2>&1
 say "device tests exit $? : $(tail -1 "$OUT/tests.log")"
 

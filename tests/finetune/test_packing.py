@@ -182,3 +182,31 @@ def test_cuda_varlen_kernel_matches_the_per_sequence_loop(arch, tmp_path_factory
     assert varlen[2] == pytest.approx(loop[2], rel=5e-2)
     probe = packing.probe(model, packing.FlatCollator(2, packing.KERNEL_VARLEN), device="cuda")
     assert probe.ok, probe
+
+
+def test_mask_kernel_keeps_attention_dropout_and_never_loops(monkeypatch):
+    """A model with attention dropout (GPT-2's attn_pdrop) must stay on the one masked call in
+    training, or a compiled graph would break and recompile per batch."""
+    import torch
+
+    def loop(*args, **kwargs):
+        raise AssertionError("fell back to the per-sequence loop")
+
+    monkeypatch.setattr(packing, "_sdpa_per_sequence", loop)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 9, 8) for _ in range(3))
+    kwargs = {
+        packing.CU_SEQLENS: torch.tensor([0, 4, 9], dtype=torch.int32),
+        packing.KERNEL: packing.KERNEL_MASK,
+    }
+    module = torch.nn.Module()
+    plain, _ = packing.varlen_attention(module, q, k, v, None, dropout=0.0, **kwargs)
+    dropped, _ = packing.varlen_attention(module, q, k, v, None, dropout=0.5, **kwargs)
+    assert plain.shape == dropped.shape == (1, 9, 4, 8)
+    assert not torch.allclose(plain, dropped)  # dropout was applied
+    # without dropout: each sequence attends only to itself, causally
+    for start, end in ((0, 4), (4, 9)):
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True
+        ).transpose(1, 2)
+        assert torch.allclose(plain[:, start:end], alone, atol=1e-6)

@@ -196,3 +196,39 @@ def test_cuda_compiled_layers_with_varlen_attention_train_like_eager(ft_storage)
     assert len(compiled["loss_history"]) == len(eager["loss_history"]) >= 16
     for mine, theirs in zip(compiled["loss_history"], eager["loss_history"], strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=3e-2), (mine, theirs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_repeated_layers_are_the_decoder_layers(arch, tmp_path_factory):
+    import torch
+
+    model = _peft_model(arch, tmp_path_factory, torch.float32)
+    layers = speed.repeated_layers(model)
+    decoder = model.get_base_model().get_decoder()
+    assert layers is decoder.layers and len(layers) == 2
+
+
+def test_compile_that_cannot_run_here_is_skipped_with_a_warning(ft_storage, monkeypatch):
+    """No C++ compiler (CPU) or no Triton (CUDA): the job trains eagerly, with the per-sequence
+    kernel rather than the one meant for compiled graphs, and says why."""
+    from sllm.finetune import peft_lora
+
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert "C++ compiler" in speed.compile_unavailable("cpu")
+    monkeypatch.setattr(peft_lora, "compile_unavailable", lambda device_type: "no compiler here")
+    reporter = RecordingReporter()
+    cfg = {
+        "output_dir": "adapters/no-compiler",
+        "dataset_config": pirate_dataset(),
+        "lora_config": {"r": 4},
+        "training_config": {"num_train_epochs": 1, "per_device_train_batch_size": 32},
+        "max_seq_length": 32,
+        "compile": True,
+    }
+    ctx = ValidationContext(ft_storage, data_roots=[PIRATE_DATA.parent], model="tiny")
+    spec = JobSpec("no-compiler", "tiny", ft_storage, get_backend("peft_lora").validate(cfg, ctx))
+    result = get_backend("peft_lora").run(spec, reporter)
+    meta = json.loads((result.adapter_path / "training_metadata.json").read_text())
+    assert meta["speed"]["compiled_layers"] == 0
+    assert meta["speed"]["attention_kernel"] == packing.KERNEL_LOOP
+    assert any("`compile` is off" in e["message"] for e in reporter.events("warning"))

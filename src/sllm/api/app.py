@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -44,6 +45,29 @@ def _prewarm() -> None:
     gc.freeze()
 
 
+def _warm_up_in_background() -> asyncio.Future:
+    """Run `_prewarm` in a daemon thread (a stuck one must not hold up the server's exit, as an
+    executor thread would); the future completes when it is done."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def finished() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def work() -> None:
+        try:
+            _prewarm()
+        finally:
+            try:
+                loop.call_soon_threadsafe(finished)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
+    threading.Thread(target=work, name="sllm-warm-up", daemon=True).start()
+    return done
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or (services.settings if services else Settings())
     owned = services is None
@@ -56,9 +80,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             svc.start()
         # uvicorn listens once startup is done; a warm-up that hangs (a stuck driver query, a
         # slow network filesystem) delays listening by at most WARM_UP_DEADLINE_S.
-        warm = asyncio.ensure_future(asyncio.to_thread(_prewarm))
         try:
-            await asyncio.wait_for(asyncio.shield(warm), timeout=WARM_UP_DEADLINE_S)
+            await asyncio.wait_for(_warm_up_in_background(), timeout=WARM_UP_DEADLINE_S)
         except asyncio.TimeoutError:
             log.warning(
                 "warm-up still running after %.0f s; listening anyway (the first submission "

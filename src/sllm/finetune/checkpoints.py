@@ -16,7 +16,8 @@ with a fresh optimizer and schedule, so it is skipped too.
 
 A checkpoint is only resumed by the run it belongs to: each attempt writes a fingerprint of what
 determines the training (the normalised config, the base model's checksum, the tokenized data's
-fingerprint, library versions) beside the checkpoints; when it differs (the data file was edited,
+fingerprint, the device, precision, token budget and batching plan, library versions) beside the
+checkpoints; when it differs (the data file was edited,
 the server upgraded), the checkpoints are dropped and the job trains from step 0, with an event
 saying why. (Resuming someone else's steps would skip the wrong batches, or none at all.)
 """
@@ -90,9 +91,9 @@ def resumable_checkpoint(scratch: Path, fingerprint: str) -> tuple[Path | None, 
             for _, path in _checkpoints(scratch):
                 shutil.rmtree(path, ignore_errors=True)
             dropped = (
-                f"{found.name} was not resumed: the job's configuration, data, base model or "
-                "library versions differ from those of the attempt that wrote it; training "
-                "starts from step 0."
+                f"{found.name} was not resumed: the job's configuration, data, base model, "
+                "device or library versions differ from those of the attempt that wrote it (or "
+                "could not be compared); training starts from step 0."
             )
             found = None
     scratch.mkdir(parents=True, exist_ok=True)

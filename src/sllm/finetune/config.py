@@ -138,7 +138,9 @@ class BackendConfig(BaseModel):
         "a one-time cost at the first step (tens of seconds; PyTorch caches it on disk for later "
         "jobs of the same shape). For long jobs, and for GPUs where small steps wait on kernel "
         "launches. Packed rows then use FlashAttention varlen on CUDA in half precision, else "
-        "one masked attention call. Not with `training_config.torch_compile` (the whole model).",
+        "one masked attention call (its mask grows with the square of a packed row's length). "
+        "Skipped, with a warning, where it cannot run (no C++ compiler on CPU, no Triton on "
+        "CUDA). Not with `training_config.torch_compile` (the whole model).",
     )
     checkpoint_minutes: float = Field(
         DEFAULT_CHECKPOINT_MINUTES,

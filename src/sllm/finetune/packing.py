@@ -137,7 +137,7 @@ def _sdpa_per_sequence(query, key, value, seq_lens, dropout: float, scaling, n_r
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
-def _sdpa_block_mask(query, key, value, cu_seqlens, scaling, n_rep: int):
+def _sdpa_block_mask(query, key, value, cu_seqlens, dropout: float, scaling, n_rep: int):
     """One SDPA call over the packed row with a block-diagonal causal mask; [1, T, H, D] out."""
     import torch
     import torch.nn.functional as F
@@ -147,7 +147,9 @@ def _sdpa_block_mask(query, key, value, cu_seqlens, scaling, n_rep: int):
     seq = torch.searchsorted(cu_seqlens[1:].to(pos.dtype), pos, right=True)  # sequence per token
     mask = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
     k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(
+        query, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
     return out.transpose(1, 2).contiguous()
 
 
@@ -176,10 +178,10 @@ def varlen_attention(
         )
     seq_lens = kwargs.get(SEQ_LENS)
     cu_seqlens = kwargs.get(CU_SEQLENS)
-    if cu_seqlens is not None and kwargs.get(KERNEL) == KERNEL_MASK and dropout == 0.0:
+    if cu_seqlens is not None and kwargs.get(KERNEL) == KERNEL_MASK:
         if query.shape[0] != 1:
             raise ValueError("packed batches must be a single row")
-        return _sdpa_block_mask(query, key, value, cu_seqlens, scaling, n_rep), None
+        return _sdpa_block_mask(query, key, value, cu_seqlens, dropout, scaling, n_rep), None
     if cu_seqlens is not None and query.is_cuda and dropout == 0.0:
         out = _flash_varlen(query, key, value, cu_seqlens, int(kwargs[MAX_SEQLEN]), scaling, n_rep)
         if out is not None:

@@ -53,11 +53,13 @@ from sllm.finetune.data import (
 )
 from sllm.finetune.speed import (
     choose_precision,
-    compile_repeated_layers,
+    compile_layers,
+    compile_unavailable,
     compiled_graphs,
     configure_threads,
     lora_inputs_follow_autocast,
     make_trainer,
+    repeated_layers,
     training_overrides,
 )
 from sllm.paths import backend_root, jobs_dir, model_dir, resolve_inside
@@ -212,6 +214,14 @@ class PeftLoraBackend:
         trainable, total = peft_model.get_nb_trainable_parameters()
         uncast = lora_inputs_follow_autocast(peft_model) if precision.autocast_dtype else 0
 
+        layers = None
+        if cfg.compile:
+            layers = repeated_layers(peft_model)
+            why_not = "no stack of identical decoder layers" if layers is None else None
+            why_not = why_not or compile_unavailable(torch.device(device).type)
+            if why_not:
+                layers = None
+                reporter.event("warning", f"`compile` is off for this job: {why_not}.")
         plan = plan_batching(
             cfg.batching,
             peft_model,
@@ -222,14 +232,14 @@ class PeftLoraBackend:
             autocast_dtype=precision.autocast_dtype,
             tokens_per_batch=budget,
             seed=args.data_seed if args.data_seed is not None else args.seed,
-            compiled=cfg.compile,
+            compiled=layers is not None,
         )
         if plan.overrides:
             overrides.update(plan.overrides)
             args = build_training_arguments(cfg.training_config, scratch, **overrides)
         speed = {
             **plan.describe(),
-            "compiled_layers": compile_repeated_layers(peft_model) if cfg.compile else 0,
+            "compiled_layers": compile_layers(layers) if layers is not None else 0,
             "precision": precision.name,
             "lora_layers_without_input_cast": uncast,
             "cpu_threads": None if use_cuda else threads,
@@ -241,11 +251,16 @@ class PeftLoraBackend:
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
         manifest = read_manifest(storage, spec.model) or {}
-        fingerprint = run_fingerprint(
+        fingerprint = run_fingerprint(  # what decides the batches and the steps
             config=cfg.model_dump(exclude={"checkpoint_minutes"}),
             base_model=manifest.get("checksum"),
             data=getattr(train_set, "_fingerprint", None) or len(train_set),
             max_seq_length=max_len,
+            device=device,  # the token budget's default and the precision follow it
+            precision=precision.name,
+            tokens_per_batch=budget,
+            attention_kernel=plan.kernel,  # packed or not
+            batches=len(plan.train_dataset),
             versions=library_versions(),
         )
         resume, dropped = resumable_checkpoint(scratch, fingerprint)
@@ -276,8 +291,10 @@ class PeftLoraBackend:
             {"trainable_params": trainable, "total_params": total},
         )
         train_output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        if cfg.compile:
+        if layers is not None:
             speed["compiled_graphs"] = compiled_graphs()
+            if not speed["compiled_graphs"]:
+                reporter.event("warning", "torch.compile produced no graph: the job ran eagerly.")
         state = trainer.state
 
         tokenizer.padding_side = saved_padding_side

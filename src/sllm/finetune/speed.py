@@ -89,27 +89,62 @@ def lora_inputs_follow_autocast(model) -> int:
     return changed
 
 
-def compile_repeated_layers(model) -> int:
-    """`torch.compile` every block of the model's longest stack of identical layers (its decoder
-    layers) with dynamic shapes; returns how many.
+def repeated_layers(model):
+    """The model's stack of decoder layers (`get_decoder().layers`, else the longest list of
+    identical modules), or None."""
+    import torch
+
+    def uniform(layers) -> bool:
+        return (
+            isinstance(layers, torch.nn.ModuleList)
+            and len(layers) >= 2
+            and len({type(m) for m in layers}) == 1
+        )
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        layers = base.get_decoder().layers
+        if uniform(layers):
+            return layers
+    except Exception:  # noqa: BLE001 - no decoder accessor: look for the stack
+        pass
+    best = None
+    for module in base.modules():
+        if uniform(module) and (best is None or len(module) > len(best)):
+            best = module
+    return best
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why `torch.compile` cannot run here, or None. Inductor builds CPU kernels with a C++
+    compiler; on CUDA it uses Triton."""
+    import shutil
+
+    if device_type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        return "no C++ compiler on this machine (torch.compile needs one for CPU kernels)"
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed (torch.compile needs it for CUDA kernels)"
+    return None
+
+
+def compile_layers(layers) -> int:
+    """`torch.compile` every block of the stack with dynamic shapes; returns how many.
 
     Compiling the blocks rather than the whole model keeps the compile to one layer's graph
     (dynamo reuses it for every block: the weights are inputs) and its time to seconds, where the
     whole 1.1B model was still being traced after 200 s on the H200. Nothing compiles until the
-    first forward.
+    first forward; a graph that fails to compile runs eagerly instead of failing the job
+    (`suppress_errors`), which `compiled_graphs` then shows.
     """
-    import torch
+    import torch._dynamo
 
-    best = None
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
-        return 0
-    for layer in best:
+    torch._dynamo.config.suppress_errors = True
+    for layer in layers:
         layer.compile(dynamic=True)
-    return len(best)
+    return len(layers)
 
 
 def compiled_graphs() -> int:
