@@ -31,6 +31,14 @@ def test_flat_collator_varlen_kernel_gets_cumulative_lengths():
     assert packing.SEQ_LENS not in batch
 
 
+def test_flat_collator_for_a_compiled_model_passes_one_max_length_for_every_batch():
+    collate = packing.FlatCollator(0, packing.KERNEL_VARLEN, max_seqlen=512)
+    for rows in ([[1] * 5], [[1] * 70, [2] * 300]):
+        assert collate([{"input_ids": r} for r in rows])[packing.MAX_SEQLEN] == 512
+    # a bound that would be wrong is not used
+    assert collate([{"input_ids": [1] * 600}])[packing.MAX_SEQLEN] == 640
+
+
 def test_flat_collator_mask_kernel_gets_boundaries_as_a_tensor():
     batch = packing.FlatCollator(0, packing.KERNEL_MASK)(
         [{"input_ids": [1] * 5}, {"input_ids": [2]}]

@@ -132,16 +132,20 @@ def plan_batching(
     tokens_per_batch: int | None = None,
     seed: int = 42,
     compiled: bool = False,
+    max_seq_length: int | None = None,
 ) -> BatchingPlan:
     if mode == "padded":
         return BatchingPlan(mode, False, None, packing.PaddedCollator(tokenizer), train_set)
     kernel, probe = enable_packing(
         model, tokenizer, device=device, autocast_dtype=autocast_dtype, compiled=compiled
     )
+    fixed_max = max_seq_length if compiled else None
     if mode == "token_budget":
-        return _token_budget_plan(kernel, probe, tokenizer, train_set, tokens_per_batch, seed)
+        return _token_budget_plan(
+            kernel, probe, tokenizer, train_set, tokens_per_batch, seed, fixed_max
+        )
     if kernel is not None:
-        collator = packing.FlatCollator(tokenizer.pad_token_id, kernel)
+        collator = packing.FlatCollator(tokenizer.pad_token_id, kernel, fixed_max)
         return BatchingPlan(mode, True, kernel, collator, train_set, probe=probe)
     overrides: dict[str, Any] = {}
     fallback = "as configured"
@@ -160,7 +164,9 @@ def plan_batching(
     )
 
 
-def _token_budget_plan(kernel, probe, tokenizer, train_set, budget, seed) -> BatchingPlan:
+def _token_budget_plan(
+    kernel, probe, tokenizer, train_set, budget, seed, fixed_max=None
+) -> BatchingPlan:
     lengths = [len(ids) for ids in train_set["input_ids"]]
     packs = packing.build_packs(lengths, budget, seed=seed, padded=kernel is None)
     dataset = packing.PackDataset(train_set, packs)
@@ -171,7 +177,7 @@ def _token_budget_plan(kernel, probe, tokenizer, train_set, budget, seed) -> Bat
         **sampling_override("random"),  # packs are already grouped
     }
     if kernel is not None:
-        collator = packing.FlatCollator(tokenizer.pad_token_id, kernel)
+        collator = packing.FlatCollator(tokenizer.pad_token_id, kernel, fixed_max)
         return BatchingPlan(
             "token_budget", True, kernel, collator, dataset, overrides, budget, probe
         )

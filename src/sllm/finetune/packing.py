@@ -232,9 +232,14 @@ def _rows_of(features: list[dict[str, Any]]) -> list[list[int]]:
 class FlatCollator:
     """Rows (or packs of rows) -> one padding-free row with per-sequence positions and labels."""
 
-    def __init__(self, pad_token_id: int | None, kernel: str = KERNEL_LOOP) -> None:
+    def __init__(
+        self, pad_token_id: int | None, kernel: str = KERNEL_LOOP, max_seqlen: int | None = None
+    ) -> None:
         self.pad_token_id = pad_token_id
         self.kernel = kernel
+        # A fixed upper bound on a sequence's length (a compiled model: a Python int that changed
+        # from batch to batch could recompile its graph), else each batch's own, rounded up.
+        self.max_seqlen = max_seqlen
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -259,8 +264,11 @@ class FlatCollator:
             for n in lengths:
                 cu.append(cu[-1] + n)
             batch[CU_SEQLENS] = torch.tensor(cu, dtype=torch.int32)
-            # Rounded up so that a compiled graph sees few distinct values.
-            batch[MAX_SEQLEN] = -(-max(lengths) // 64) * 64
+            longest = max(lengths)
+            if self.max_seqlen is not None and self.max_seqlen >= longest:
+                batch[MAX_SEQLEN] = self.max_seqlen
+            else:
+                batch[MAX_SEQLEN] = -(-longest // 64) * 64
             batch[KERNEL] = self.kernel
         else:
             batch[SEQ_LENS] = lengths

@@ -233,6 +233,7 @@ class PeftLoraBackend:
             tokens_per_batch=budget,
             seed=args.data_seed if args.data_seed is not None else args.seed,
             compiled=layers is not None,
+            max_seq_length=max_len,
         )
         if plan.overrides:
             overrides.update(plan.overrides)
