@@ -15,6 +15,7 @@ import time
 import pytest
 from cluster_helpers import raylet_node_of
 
+from sllm.finetune.checkpoints import latest_complete_checkpoint
 from sllm.jobs.db import JobStore
 from tests.conftest import Server, job_config, pid_alive
 
@@ -30,10 +31,11 @@ def srv(cluster, storage, server_factory):
     return server_factory(storage, "--ray-address", cluster.address, env=cluster.env)
 
 
-def submit(srv, storage, name, **kw):
-    r = srv.client.post(
-        "/v1/fine-tuning/jobs", json=job_config(storage, output_dir=f"tiny/adapters/{name}", **kw)
-    )
+def submit(srv, storage, name, checkpoint_minutes=None, **kw):
+    cfg = job_config(storage, output_dir=f"tiny/adapters/{name}", **kw)
+    if checkpoint_minutes is not None:
+        cfg["backend_config"]["checkpoint_minutes"] = checkpoint_minutes
+    r = srv.client.post("/v1/fine-tuning/jobs", json=cfg)
     assert r.status_code == 200, r.text
     return r.json()["job_id"]
 
@@ -162,10 +164,17 @@ def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, s
     blocker = submit(srv, storage, "blocker", training_config=LONG)
     srv.wait_status(blocker, {"running"})
     assert node_of(cluster, storage, blocker) == "head"
-    job = submit(srv, storage, "moved", training_config={"num_train_epochs": 60})
+    job = submit(
+        srv, storage, "moved", checkpoint_minutes=0.005, training_config={"num_train_epochs": 60}
+    )
     wait_progress(srv, job)
     assert node_of(cluster, storage, job) == "node_b"
     pid = worker_pid(storage, job)
+    scratch = storage / "_jobs" / job / "trainer"  # the shared store: written from node_b
+    deadline = time.monotonic() + 120
+    while latest_complete_checkpoint(scratch) is None:
+        assert time.monotonic() < deadline, "node_b's worker wrote no checkpoint"
+        time.sleep(0.05)
 
     cluster.stop_node("node_b")  # SIGKILL of the whole node: raylet, actors, agents
     wait_dead(pid)
@@ -183,6 +192,9 @@ def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, s
     rec = record(storage, job)
     assert rec.attempts == 2 and node_of(cluster, storage, job) == "head"
     assert (storage / "transformers" / "tiny/adapters/moved" / "adapter_config.json").is_file()
+    resumed = [e for e in events_of(srv, job) if e["message"].startswith("Resuming from")]
+    assert len(resumed) == 1 and resumed[0]["data"]["step"] > 0  # the head went on from node_b
+    assert not scratch.exists()
 
     # node_b left moments ago, so a 2-CPU job is still accepted, and waits: no live node can
     # hold it. A new node_b joining the running server adds the capacity, and it runs there.
