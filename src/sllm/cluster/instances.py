@@ -24,6 +24,7 @@ from sllm.cluster.runner import FORWARDED_ENV, node_env
 from sllm.jobs.launcher import tail
 from sllm.jobs.resources import Allocation
 from sllm.procgroup import spawn, stop_group
+from sllm.serve.process import instance_args
 
 POLL_S = 0.05
 PLACE_TIMEOUT_S = 120.0
@@ -124,14 +125,7 @@ class RayInstanceProcess:
         if alloc.node:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(alloc.node, soft=False)
         self._actor = self._runner_cls.options(**options).remote(self.name)
-        args = [
-            "--storage", str(storage),
-            "--model", model,
-            "--ready-file", str(self.ready_file),
-            "--max-batch-size", str(max_batch_size),
-            "--dtype", dtype,
-            "--device", "cuda" if alloc.gpu_ids else "cpu",
-        ]  # fmt: skip
+        args = instance_args(storage, model, self.ready_file, alloc, max_batch_size, dtype)
         paths = {"log": str(self.log_path), "ready": str(self.ready_file)}
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         started = self._actor.start.remote(args, paths, alloc.cpus, forwarded)

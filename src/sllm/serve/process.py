@@ -18,6 +18,21 @@ class InstanceStartError(Exception):
     pass
 
 
+def instance_args(
+    storage: Path, model: str, ready_file: Path, alloc: Allocation, max_batch_size: int, dtype: str
+) -> list[str]:
+    """The `python -m sllm.serve.instance` arguments, wherever the instance runs (here, or in a
+    Ray actor on another node)."""
+    return [
+        "--storage", str(storage),
+        "--model", model,
+        "--ready-file", str(ready_file),
+        "--max-batch-size", str(max_batch_size),
+        "--dtype", dtype,
+        "--device", "cuda" if alloc.gpu_ids else "cpu",
+    ]  # fmt: skip
+
+
 class InstanceProcess:
     def __init__(self, workdir: Path, name: str) -> None:
         self.workdir = workdir
@@ -37,15 +52,8 @@ class InstanceProcess:
         self.ready_file.unlink(missing_ok=True)
         env = worker_env(alloc)
         env["SLLM_PARENT_PID"] = str(os.getpid())
-        cmd = [
-            sys.executable, "-m", "sllm.serve.instance",
-            "--storage", str(storage),
-            "--model", model,
-            "--ready-file", str(self.ready_file),
-            "--max-batch-size", str(max_batch_size),
-            "--dtype", dtype,
-            "--device", "cuda" if alloc.gpu_ids else "cpu",
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "sllm.serve.instance"]
+        cmd += instance_args(storage, model, self.ready_file, alloc, max_batch_size, dtype)
         self.proc = spawn(cmd, env=env, log_path=self.log_path)
 
     def wait_ready(self, timeout: float, cancelled=lambda: False) -> dict:
