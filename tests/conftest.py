@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -44,19 +45,19 @@ def storage(tmp_path, tiny_model_src) -> Path:
     return root
 
 
-def job_config(storage: Path, **overrides) -> dict:
-    """The seed's config shape, on the tiny model and a local dataset; CPU only."""
-    cfg = {
-        "model": TINY,
+def seed_request(model: str, data_files: str, **training) -> dict:
+    """The seed's fine_tuning_config.json shape on a local dataset, CPU only; `training` adds to
+    or replaces its training_config."""
+    return {
+        "model": model,
         "ft_backend": "peft_lora",
         "num_gpus": 0,
         "num_cpus": 1,
         "timeout": 600,
         "backend_config": {
-            "output_dir": "tiny/adapters/test_adapter",
             "dataset_config": {
                 "dataset_source": "local",
-                "data_files": str(storage / "data" / "train.jsonl"),
+                "data_files": data_files,
                 "extension_type": "json",
                 "tokenization_field": "prompt",
                 "split": "train",
@@ -73,11 +74,17 @@ def job_config(storage: Path, **overrides) -> dict:
                 "save_strategy": "no",
                 "num_train_epochs": 2,
                 "learning_rate": 0.01,
-                "per_device_train_batch_size": 4,
                 "use_cpu": False,
+                **training,
             },
         },
     }
+
+
+def job_config(storage: Path, **overrides) -> dict:
+    """The seed's config shape, on the tiny model and a local dataset; CPU only."""
+    cfg = seed_request(TINY, str(storage / "data" / "train.jsonl"), per_device_train_batch_size=4)
+    cfg["backend_config"]["output_dir"] = "tiny/adapters/test_adapter"
     for key, value in overrides.items():
         if key in cfg["backend_config"] and isinstance(value, dict):
             cfg["backend_config"][key].update(value)
@@ -115,3 +122,23 @@ def pid_alive(pid: int) -> bool:
         return state != "Z"
     except OSError:
         return False
+
+
+def wait_dead(pid: int, timeout: float = 15) -> float:
+    """Seconds until `pid` is gone (a zombie counts as gone); fails after `timeout`."""
+    start = time.monotonic()
+    while pid_alive(pid):
+        assert time.monotonic() - start < timeout, f"worker {pid} still alive"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def wait_progress(srv, job_id: str, timeout: float = 120) -> dict:
+    """The job's body once it reports a trained step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if (body["status"].get("progress") or {}).get("step"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{job_id}: no progress")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sllm.jobs.db import JobStore
-from tests.conftest import job_config, pid_alive
+from tests.conftest import job_config, wait_dead, wait_progress
 
 pytestmark = pytest.mark.slow
 
@@ -27,24 +27,6 @@ def worker_pid(storage, job_id: str, timeout: float = 60) -> int:
     finally:
         store.close()
     raise AssertionError("no worker pid recorded")
-
-
-def wait_dead(pid: int, timeout: float = 15) -> float:
-    start = time.monotonic()
-    while pid_alive(pid):
-        assert time.monotonic() - start < timeout, f"worker {pid} still alive"
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
-def wait_progress(srv, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if (body["status"].get("progress") or {}).get("step"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError("no progress")
 
 
 def test_seed_workflow_trains_a_loadable_adapter(storage, server_factory):

@@ -17,7 +17,7 @@ from cluster_helpers import raylet_node_of
 
 from sllm.finetune.checkpoints import latest_complete_checkpoint
 from sllm.jobs.db import JobStore
-from tests.conftest import Server, job_config, pid_alive
+from tests.conftest import Server, job_config, wait_dead, wait_progress
 
 pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -61,23 +61,6 @@ def worker_pid(storage, job_id, timeout=60) -> int:
             return rec.worker_pid
         time.sleep(0.1)
     raise AssertionError(f"{job_id}: no worker pid recorded")
-
-
-def wait_progress(srv, job_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        if (body["status"].get("progress") or {}).get("step"):
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"{job_id}: no progress")
-
-
-def wait_dead(pid, timeout=20):
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"worker {pid} still alive"
-        time.sleep(0.05)
 
 
 def events_of(srv, job_id) -> list[dict]:
@@ -145,14 +128,14 @@ def test_cancel_and_timeout_kill_the_remote_worker(cluster, storage, srv):
     pid = worker_pid(storage, job)
     r = srv.client.post(f"/v1/fine-tuning/jobs/{job}/cancel")
     assert r.status_code == 200 and r.json()["status"]["status"] == "cancelled"
-    wait_dead(pid)
+    wait_dead(pid, timeout=20)
 
     timed = submit(srv, storage, "timed", num_cpus=2, training_config=LONG, timeout=12)
     srv.wait_status(timed, {"running"}, timeout=30)  # node_b's CPUs were freed, in Ray too
     pid = worker_pid(storage, timed)
     body = srv.wait_status(timed, {"failed", "completed"}, timeout=60)
     assert body["status"]["error"]["kind"] == "timeout"
-    wait_dead(pid)
+    wait_dead(pid, timeout=20)
 
     after = submit(srv, storage, "after", num_cpus=2, training_config=SHORT)
     body = srv.wait_status(after, {"completed", "failed"}, timeout=120)
@@ -177,7 +160,7 @@ def test_node_lost_mid_job_requeues_it_and_nodes_joining_add_capacity(cluster, s
         time.sleep(0.05)
 
     cluster.stop_node("node_b")  # SIGKILL of the whole node: raylet, actors, agents
-    wait_dead(pid)
+    wait_dead(pid, timeout=20)
     body = srv.wait_status(job, {"pending"}, timeout=60)
     events = events_of(srv, job)
     lost = [e for e in events if "was lost" in e["message"]]
@@ -224,6 +207,6 @@ def test_server_killed_takes_its_remote_workers_and_a_restart_requeues(cluster, 
         second = worker_pid(storage, job)
         assert second != pid
         cancel(again, job)
-        wait_dead(second)
+        wait_dead(second, timeout=20)
     finally:
         again.stop()

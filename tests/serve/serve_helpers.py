@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from sllm.testing import LocalServer
+from tests.conftest import seed_request
 
 
 def make_random_adapter(base_dir: Path, out: Path, seed: int, targets=("q_proj", "v_proj")) -> Path:
@@ -63,38 +64,9 @@ class ServerProcess(LocalServer):
 
 def seed_job_config(**training) -> dict:
     """The seed's fine_tuning_config.json, on a local dataset, CPU only, default output_dir."""
-    return {
-        "model": OPT,
-        "ft_backend": "peft_lora",
-        "num_gpus": 0,
-        "num_cpus": 1,
-        "timeout": 600,
-        "backend_config": {
-            "dataset_config": {
-                "dataset_source": "local",
-                "data_files": str(PIRATE_DATA),
-                "extension_type": "json",
-                "tokenization_field": "prompt",
-                "split": "train",
-            },
-            "lora_config": {
-                "r": 4,
-                "lora_alpha": 32,
-                "lora_dropout": 0.05,
-                "bias": "none",
-                "task_type": "CAUSAL_LM",
-            },
-            "training_config": {
-                "auto_find_batch_size": True,
-                "save_strategy": "no",
-                "num_train_epochs": 2,
-                "learning_rate": 0.01,
-                "use_cpu": False,
-                **training,
-            },
-            "max_seq_length": 64,
-        },
-    }
+    cfg = seed_request(OPT, str(PIRATE_DATA), **training)
+    cfg["backend_config"]["max_seq_length"] = 64
+    return cfg
 
 
 class _Quiet:
