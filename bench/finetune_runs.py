@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.workload import MODEL_NAME, SIZES, Workload
+from bench.workload import MODEL_NAME, SIZES, Workload, dataset_config
 
 VARIANTS = {
     "baseline": "HF Trainer + peft, padded batches (fp32)",
@@ -172,12 +172,7 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
         training["bf16"] = True
     cfg: dict[str, Any] = {
         "output_dir": f"bench/adapters/{variant}",
-        "dataset_config": {
-            "dataset_source": "local",
-            "data_files": prep["data"],
-            "extension_type": "json",
-            "tokenization_field": "text",
-        },
+        "dataset_config": dataset_config(prep),
         "lora_config": dict(work.lora),
         "training_config": training,
         "max_seq_length": work.max_seq_length,

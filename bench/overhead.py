@@ -27,7 +27,7 @@ import httpx
 
 from bench.common import RESULTS, bar_plot, machine, markdown_table, median, write_results
 from bench.server import ROOT, BenchServer
-from bench.workload import MODEL_NAME, SIZES, Workload, prepare
+from bench.workload import MODEL_NAME, SIZES, Workload, dataset_config, prepare
 
 CPUS = 1
 
@@ -41,12 +41,7 @@ def job_request(prep: dict, work: Workload) -> dict[str, Any]:
         "timeout": 3600,
         "backend_config": {
             "output_dir": "bench/adapters/overhead",
-            "dataset_config": {
-                "dataset_source": "local",
-                "data_files": prep["data"],
-                "extension_type": "json",
-                "tokenization_field": "text",
-            },
+            "dataset_config": dataset_config(prep),
             "lora_config": dict(work.lora),
             "training_config": {
                 "per_device_train_batch_size": work.batch_size,

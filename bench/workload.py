@@ -135,6 +135,16 @@ def write_dataset(path: Path, texts: list[str]) -> Path:
     return path
 
 
+def dataset_config(prep: dict) -> dict[str, Any]:
+    """The job's `dataset_config` for the rows `prepare` wrote."""
+    return {
+        "dataset_source": "local",
+        "data_files": prep["data"],
+        "extension_type": "json",
+        "tokenization_field": "text",
+    }
+
+
 def token_stats(texts: list[str], tokenizer, batch_size: int, max_len: int) -> dict[str, Any]:
     """Row lengths as the trainer sees them, and the padding a padded batch of them carries."""
     lengths = [min(len(tokenizer(t)["input_ids"]), max_len) for t in texts]
