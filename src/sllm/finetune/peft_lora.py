@@ -252,6 +252,7 @@ class PeftLoraBackend:
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
         manifest = read_manifest(storage, spec.model) or {}
+        versions = library_versions()
         fingerprint = run_fingerprint(  # what decides the batches and the steps
             config=cfg.model_dump(exclude={"checkpoint_minutes"}),
             base_model=manifest.get("checksum"),
@@ -262,7 +263,7 @@ class PeftLoraBackend:
             tokens_per_batch=budget,
             attention_kernel=plan.kernel,  # packed or not
             batches=len(plan.train_dataset),
-            versions=library_versions(),
+            versions=versions,
         )
         resume, dropped = resumable_checkpoint(scratch, fingerprint)
         if dropped:
@@ -332,7 +333,7 @@ class PeftLoraBackend:
             "runtime_s": runtime_s,
             "train_runtime_s": _float_or_none(train_output.metrics.get("train_runtime")),
             "device": device,
-            "versions": library_versions(),
+            "versions": versions,
         }
         save_adapter_atomically(peft_model, tokenizer, adapter_dir, metadata, spec.model, storage)
         return TrainResult(
