@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 
 from sllm.paths import storage_path
 
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: a job config or a long chat, not a dataset
+
 
 class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="Bind address; loopback unless asked otherwise.")
@@ -26,6 +28,13 @@ class Settings(BaseModel):
     ray_address: str | None = Field(
         None,
         description="Run jobs and instances on this Ray cluster (`host:port`, `auto`, `local`).",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys every route but /health requires; empty: no authentication.",
+    )
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above)."
     )
 
     def resolved_data_roots(self) -> list[Path]:

@@ -125,21 +125,25 @@ class LocalServer:
         cwd: str | Path | None = None,
         port: int | None = None,
         start_timeout: float = 90.0,
+        api_key: str | None = None,
     ) -> None:
         import os
 
         import httpx
 
         self.storage = Path(storage)
-        self.args = args
+        self.args = (*args, "--api-key", api_key) if api_key else args
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+        if api_key:  # what `cli()` sends (the server gets the same key twice: fine)
+            self.env["SLLM_API_KEY"] = api_key
         self.cwd = cwd
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.storage / f"server-{self.port}.log"
         self.start_timeout = start_timeout
         self.proc = None
-        self.client = httpx.Client(base_url=self.url, timeout=120)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.client = httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
     def start(self) -> LocalServer:
         import subprocess

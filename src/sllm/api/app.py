@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from sllm import __version__
-from sllm.api.errors import install_error_handlers
+from sllm.api.edge import EdgeMiddleware
+from sllm.api.errors import drop_validation_422, install_error_handlers
 from sllm.api.routes import fine_tuning, serving
 from sllm.config import Settings
 from sllm.services import Services
@@ -68,6 +69,18 @@ def _warm_up_in_background() -> asyncio.Future:
     return done
 
 
+def _document_errors(app: FastAPI) -> None:
+    """The schema shows the errors the routes answer (see `error_responses`), not FastAPI's 422."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = drop_validation_422(build())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     settings = settings or (services.settings if services else Settings())
     owned = services is None
@@ -96,8 +109,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = FastAPI(title="sllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(
+        EdgeMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes
+    )
     app.include_router(fine_tuning.router)
     app.include_router(serving.router)
+    _document_errors(app)
 
     @app.get("/health", tags=["server"])
     def health() -> dict:

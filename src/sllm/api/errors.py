@@ -6,15 +6,60 @@ Bodies follow OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sllm.errors import OverloadedError, SllmError
 
 log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer: OpenAI's `{"error": {...}}`."""
+
+    error: ErrorDetail
+
+
+_MEANING = {
+    400: "Invalid request: the message names the field and how to fix it.",
+    401: "Missing or wrong API key (`Authorization: Bearer KEY`).",
+    404: "Unknown job, model, deployment or adapter.",
+    409: "The request clashes with the object's current state.",
+    413: "The request body is larger than the server's limit.",
+    429: "Too many requests already wait for this deployment; retry after `Retry-After`.",
+    503: "No capacity right now; retry after `Retry-After`.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for a route: the error codes it really answers, with the error model.
+    Every route may answer 401 (when the server has API keys) and 400 (a malformed request)."""
+    wanted = sorted({400, 401, *codes})
+    return {c: {"model": ErrorResponse, "description": _MEANING[c]} for c in wanted}
+
+
+def drop_validation_422(schema: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI documents a 422 for every route with parameters; sllm answers 400 instead."""
+    for methods in schema.get("paths", {}).values():
+        for operation in methods.values():
+            if isinstance(operation, dict):
+                operation.get("responses", {}).pop("422", None)
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
 
 
 def error_body(message: str, type_: str, param: str | None, code: int) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from sllm.cli.deploy import call_server, server_url
+from sllm.cli.client import add_server_args, call_server, server_url
 
 
 def add_parser(sub) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--lora-adapters", action="append", help='Adapter names, "a b" or "a,b" (repeatable).'
     )
-    p.add_argument("--url", help="Server URL (default $LLM_SERVER_URL or 127.0.0.1:8343).")
+    add_server_args(p)
     p.add_argument("--json", action="store_true", help="Print the server's JSON answer.")
     p.set_defaults(func=run)
 
@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     params = {"lora_adapters": ",".join(names)} if names else None
     answer = call_server(
-        "DELETE", server_url(args.url), f"/v1/deployments/{args.model}", params=params
+        "DELETE",
+        server_url(args.url),
+        f"/v1/deployments/{args.model}",
+        key=args.api_key,
+        params=params,
     )
     if answer is None:
         return 1

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-DEFAULT_URL = "http://127.0.0.1:8343"
+from sllm.cli.client import add_server_args, call_server, server_url
+
 _SCALING_KEYS = {"min_instances", "max_instances", "keep_alive"}
 _BACKEND_KEYS = {"enable_lora", "lora_adapters", "max_batch_size", "dtype", "torch_dtype"}
 _FLAT_KEYS = {
@@ -26,30 +26,6 @@ _FLAT_KEYS = {
     "target_concurrency", "max_batch_size", "max_queue", "queue_timeout", "dtype", "enable_lora",
     "lora_adapters",
 }  # fmt: skip
-
-
-def server_url(explicit: str | None = None) -> str:
-    return (explicit or os.environ.get("LLM_SERVER_URL") or DEFAULT_URL).rstrip("/")
-
-
-def call_server(method: str, url: str, path: str, **kwargs: Any) -> dict | None:
-    """The JSON answer, or None after printing the server's error (callers exit 1)."""
-    import httpx
-
-    try:
-        response = httpx.request(method, f"{url}{path}", timeout=600, **kwargs)
-    except httpx.HTTPError as exc:
-        print(f"error: cannot reach the sllm server at {url}: {exc}", file=sys.stderr)
-        return None
-    try:
-        body = response.json()
-    except ValueError:
-        body = {"error": {"message": response.text.strip() or response.reason_phrase}}
-    if response.status_code >= 400:
-        message = (body.get("error") or {}).get("message") if isinstance(body, dict) else body
-        print(f"error ({response.status_code}): {message}", file=sys.stderr)
-        return None
-    return body
 
 
 def parse_adapters(values: list[str] | str | dict | None) -> dict[str, str]:
@@ -109,7 +85,7 @@ def add_parser(sub) -> None:
         "--lora-adapters", action="append", help='"name=PATH name2=PATH" (under the store).'
     )
     p.add_argument("--config", help="JSON deployment config; flags override it.")
-    p.add_argument("--url", help="Server URL (default $LLM_SERVER_URL or 127.0.0.1:8343).")
+    add_server_args(p)
     p.add_argument("--json", action="store_true", help="Print the server's JSON answer.")
     p.set_defaults(func=run)
 
@@ -134,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    status = call_server("POST", server_url(args.url), "/v1/deployments", json=body)
+    status = call_server(
+        "POST", server_url(args.url), "/v1/deployments", key=args.api_key, json=body
+    )
     if status is None:
         return 1
     if args.json:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
+import sys
+
+from sllm.config import DEFAULT_MAX_BODY_BYTES
 
 
 def add_parser(sub) -> None:
@@ -27,8 +32,52 @@ def add_parser(sub) -> None:
         "'auto': the one started on this machine; 'local': a private one); capacity then comes "
         "from its nodes and --num-cpus/--num-gpus are ignored. Default: this machine, no Ray.",
     )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="Require `Authorization: Bearer KEY` on every route but /health (repeatable; also "
+        "$SLLM_API_KEY, comma-separated).",
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="Serve a non-loopback --host without an API key (anyone who reaches it can use it).",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"Largest request body; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES}).",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
+
+
+def api_keys(flags: list[str]) -> list[str]:
+    """--api-key flags plus $SLLM_API_KEY (comma-separated), blanks dropped."""
+    env = os.environ.get("SLLM_API_KEY", "")
+    return [k.strip() for k in [*flags, *env.split(",")] if k.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def refuse_open_server(host: str, keys: list[str], allowed: bool) -> str | None:
+    """Why the server must not start, or None: an address others can reach needs a key."""
+    if keys or allowed or is_loopback(host):
+        return None
+    return (
+        f"refusing to serve {host} without an API key: anyone who can reach it could run jobs "
+        "and read adapters. Set one with `--api-key KEY` (or SLLM_API_KEY=KEY; clients send "
+        "`Authorization: Bearer KEY`), or pass --allow-unauthenticated if the network is trusted."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
     from sllm.config import Settings
     from sllm.paths import storage_path
 
+    keys = api_keys(args.api_key)
+    refusal = refuse_open_server(args.host, keys, args.allow_unauthenticated)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.ray_address and (args.num_cpus is not None or args.num_gpus is not None):
         logging.getLogger("sllm").warning(
@@ -53,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         data_roots=args.data_root,
         starvation_s=args.starvation_seconds,
         ray_address=args.ray_address,
+        api_keys=keys,
+        max_body_bytes=args.max_body_bytes,
     )
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from sllm.cli.deploy import call_server, server_url
+from sllm.cli.client import add_server_args, call_server, server_url
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("status", help="Show deployments, adapters, instances and state.")
     p.add_argument("model", nargs="?", help="Only this deployment.")
-    p.add_argument("--url", help="Server URL (default $LLM_SERVER_URL or 127.0.0.1:8343).")
+    add_server_args(p)
     p.add_argument("--json", action="store_true", help="Print the server's JSON answer.")
     p.set_defaults(func=run)
 
@@ -40,7 +40,7 @@ def describe(dep: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     path = f"/v1/deployments/{args.model}" if args.model else "/v1/deployments"
-    answer = call_server("GET", server_url(args.url), path)
+    answer = call_server("GET", server_url(args.url), path, key=args.api_key)
     if answer is None:
         return 1
     if args.json:

@@ -17,6 +17,7 @@ import gc
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
+from sllm.api.errors import error_responses
 from sllm.jobs.models import (
     FineTuningJob,
     FineTuningJobRequest,
@@ -53,7 +54,7 @@ def _route(method: str, path: str, **kwargs):
     return decorate
 
 
-@_route("POST", "/jobs", response_model=SubmitResponse)
+@_route("POST", "/jobs", response_model=SubmitResponse, responses=error_responses(409, 413))
 def submit_job(body: FineTuningJobRequest, request: Request) -> SubmitResponse:
     """Submit a fine-tuning job; it starts when its CPUs and GPUs are free."""
     try:
@@ -72,7 +73,7 @@ def _freeze_once() -> None:
         gc.freeze()
 
 
-@_route("GET", "/jobs", response_model=JobList)
+@_route("GET", "/jobs", response_model=JobList, responses=error_responses())
 async def list_jobs(
     request: Request,
     limit: int = Query(20),
@@ -83,13 +84,23 @@ async def list_jobs(
     return _json(_jobs(request).list(limit=limit, after=after, status=status))
 
 
-@_route("GET", "/jobs/{fine_tuning_job_id}", response_model=FineTuningJob)
+@_route(
+    "GET",
+    "/jobs/{fine_tuning_job_id}",
+    response_model=FineTuningJob,
+    responses=error_responses(404),
+)
 async def get_job(fine_tuning_job_id: str, request: Request) -> Response:
     """A job's configuration, status, progress, error and adapter path."""
     return _json(_jobs(request).get(fine_tuning_job_id))
 
 
-@_route("GET", "/jobs/{fine_tuning_job_id}/events", response_model=JobEventList)
+@_route(
+    "GET",
+    "/jobs/{fine_tuning_job_id}/events",
+    response_model=JobEventList,
+    responses=error_responses(404),
+)
 async def job_events(
     fine_tuning_job_id: str,
     request: Request,
@@ -100,7 +111,12 @@ async def job_events(
     return _json(_jobs(request).events(fine_tuning_job_id, limit=limit, after=after))
 
 
-@_route("POST", "/jobs/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+@_route(
+    "POST",
+    "/jobs/{fine_tuning_job_id}/cancel",
+    response_model=FineTuningJob,
+    responses=error_responses(404, 409),
+)
 def cancel_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
     """Cancel a pending or running job; its worker is killed and its resources freed."""
     return _jobs(request).cancel(fine_tuning_job_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
+from sllm.api.errors import error_responses
 from sllm.serve.completions import CompletionService
 from sllm.serve.deployments import DeploymentService
 from sllm.serve.protocol import (
@@ -41,7 +42,11 @@ def _completions(request: Request) -> CompletionService:
     return CompletionService(_deployments(request))
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=error_responses(404, 413, 429, 503),
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat with a deployed model or one of its adapters (`lora_adapter_name` or `model`)."""
     service = _completions(request)
@@ -51,7 +56,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await service.chat(body)
 
 
-@router.post("/v1/completions", response_model=Completion)
+@router.post(
+    "/v1/completions", response_model=Completion, responses=error_responses(404, 413, 429, 503)
+)
 async def completions(body: CompletionRequest, request: Request):
     """Continue a prompt with a deployed model or one of its adapters."""
     service = _completions(request)
@@ -61,31 +68,37 @@ async def completions(body: CompletionRequest, request: Request):
     return await service.complete(body)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses())
 def list_models(request: Request) -> ModelList:
     """Deployed base models and their adapters (`parent` names the base model)."""
     return _deployments(request).list_models()
 
 
-@router.post("/v1/deployments", response_model=DeploymentStatus)
+@router.post(
+    "/v1/deployments", response_model=DeploymentStatus, responses=error_responses(404, 409, 413)
+)
 def deploy(body: DeployRequest, request: Request) -> DeploymentStatus:
     """Deploy a model; deploying again updates it and adds or replaces adapters in place."""
     return _deployments(request).deploy(body)
 
 
-@router.get("/v1/deployments", response_model=DeploymentList)
+@router.get("/v1/deployments", response_model=DeploymentList, responses=error_responses())
 def list_deployments(request: Request) -> DeploymentList:
     """Every deployment with its adapters, instances and state (cold, starting, warm)."""
     return _deployments(request).status()
 
 
-@router.get("/v1/deployments/{model:path}", response_model=DeploymentStatus)
+@router.get(
+    "/v1/deployments/{model:path}", response_model=DeploymentStatus, responses=error_responses(404)
+)
 def get_deployment(model: str, request: Request) -> DeploymentStatus:
     """One deployment's adapters, instances and state."""
     return _deployments(request).status(model).data[0]
 
 
-@router.delete("/v1/deployments/{model:path}", response_model=DeleteResponse)
+@router.delete(
+    "/v1/deployments/{model:path}", response_model=DeleteResponse, responses=error_responses(404)
+)
 def delete_deployment(
     model: str,
     request: Request,

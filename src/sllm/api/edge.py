@@ -1,0 +1,280 @@
+"""The server's edge: API keys, the body size limit and JSON hygiene, checked once for every route.
+
+A pure ASGI middleware, so nothing a client sends reaches a route (or the job store) before it has
+passed these checks:
+
+- API keys: with keys configured, every route but `/health` needs `Authorization: Bearer KEY`
+  (compared in constant time); a missing or wrong key is OpenAI's 401 `invalid_api_key`, so the
+  OpenAI SDK's `api_key` just works.
+- Body size: a body over `max_body_bytes` is a 413 before it is read further (by its
+  `Content-Length`, or as it streams in); nothing is stored.
+- JSON hygiene: the body must parse as strict JSON (no `NaN`/`Infinity`, no float that overflows to
+  infinity such as `1e999`, no integer beyond a signed 64-bit one), nested at most `MAX_DEPTH`
+  deep, with no unpaired UTF-16 surrogate and no NUL or other control character (tab, newline and
+  carriage return are fine) in any key or string, and keys at most `MAX_KEY_CHARS` long. Such a
+  value could not be stored, serialised back or used: it is a 400 naming where it was found,
+  instead of a job whose every later read answers 500.
+
+The routes then parse the same bytes again with pydantic; the extra parse of a body of a few KiB
+costs microseconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from sllm.api.errors import error_body
+from sllm.config import DEFAULT_MAX_BODY_BYTES
+
+MAX_DEPTH = 64
+MAX_KEY_CHARS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key
+
+# C0 controls but tab, newline, carriage return; DEL; C1 controls; unpaired surrogates.
+_BAD_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class BadJSON(ValueError):
+    """The body is not JSON sllm can store and answer with; `param` says where."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def _refuse_constant(name: str) -> float:
+    raise BadJSON(f"`{name}` is not a number JSON allows; send a finite number.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadJSON(f"The number {text[:40]} is too large; send a finite number.")
+    return value
+
+
+def _int64(text: str) -> int:
+    if len(text.lstrip("-")) > 19:
+        raise BadJSON(f"The integer {text[:40]}... does not fit in 64 bits.")
+    value = int(text)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise BadJSON(f"The integer {text} does not fit in 64 bits.")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON: raises `BadJSON` for what sllm cannot store or echo back."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJSON(f"The body is not valid UTF-8 (byte {exc.start}).") from None
+    try:
+        value = json.loads(
+            text,
+            parse_constant=_refuse_constant,
+            parse_float=_finite_float,
+            parse_int=_int64,
+        )
+    except BadJSON:
+        raise
+    except RecursionError:
+        raise BadJSON(f"The body is nested too deeply (at most {MAX_DEPTH} levels).") from None
+    except ValueError as exc:
+        raise BadJSON(f"Malformed JSON body: {exc}.") from None
+    check_value(value)
+    return value
+
+
+def _where(path: list[str]) -> str | None:
+    return ".".join(path) or None
+
+
+def _check_string(s: str, path: list[str], what: str) -> None:
+    bad = _BAD_CHAR.search(s)
+    if bad is None:
+        return
+    char = bad.group()
+    kind = (
+        "an unpaired UTF-16 surrogate"
+        if "\ud800" <= char <= "\udfff"
+        else f"the control character U+{ord(char):04X}"
+    )
+    where = _where(path)
+    raise BadJSON(
+        f"{what} {'at `' + where + '` ' if where else ''}contains {kind} (position "
+        f"{bad.start()}); remove it.",
+        where,
+    )
+
+
+def check_value(value: Any) -> None:
+    """Walk a parsed body (iteratively: depth is bounded, not the stack)."""
+    stack: list[tuple[Any, list[str]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise BadJSON(f"The body is nested too deeply (at most {MAX_DEPTH} levels).")
+        if isinstance(item, str):
+            _check_string(item, path, "The string")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if len(key) > MAX_KEY_CHARS:
+                    raise BadJSON(
+                        f"A key at `{_where(path) or '(top level)'}` is {len(key)} characters "
+                        f"long; keys are at most {MAX_KEY_CHARS}.",
+                        _where(path),
+                    )
+                _check_string(key, [*path, "(key)"], "A key")
+                stack.append((child, [*path, key]))
+        elif isinstance(item, list):
+            stack.extend((child, [*path, str(i)]) for i, child in enumerate(item))
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+def key_matches(given: bytes, keys: Iterable[bytes]) -> bool:
+    """Constant-time compare against every key (no early exit that times which one matched)."""
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key)
+    return ok
+
+
+class EdgeMiddleware:
+    """See the module docstring. `api_keys` empty: no authentication (loopback default)."""
+
+    def __init__(
+        self,
+        app: Callable,
+        *,
+        api_keys: Iterable[str] = (),
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys if k]
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.keys and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
+            await _reply(send, 401, self._unauthorised_body(scope), {"WWW-Authenticate": "Bearer"})
+            return
+        if (
+            scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")
+            and not _header(scope, b"content-length")
+            and not _header(scope, b"transfer-encoding")
+        ):
+            await self.app(scope, receive, send)
+            return
+        body, problem = await self._read_body(scope, receive)
+        if problem is not None:
+            status, message, param = problem
+            type_ = "request_too_large" if status == 413 else "invalid_request_error"
+            await _reply(send, status, error_body(message, type_, param, status))
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        auth = _header(scope, b"authorization") or b""
+        scheme, _, token = auth.partition(b" ")
+        return scheme.lower() == b"bearer" and key_matches(token.strip(), self.keys)
+
+    @staticmethod
+    def _unauthorised_body(scope: Scope) -> dict:
+        given = _header(scope, b"authorization")
+        message = (
+            "Incorrect API key provided. Send `Authorization: Bearer <key>` with a key the "
+            "server was started with."
+            if given
+            else "You didn't provide an API key. Send `Authorization: Bearer <key>` (the OpenAI "
+            "SDK's `api_key`; `SLLM_API_KEY` for the sllm CLI)."
+        )
+        body = error_body(message, "invalid_request_error", None, 401)
+        body["error"]["code"] = "invalid_api_key"  # OpenAI's code for both cases
+        return body
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[bytes, tuple[int, str, str | None] | None]:
+        limit = self.max_body_bytes
+        too_large = (
+            413,
+            f"The request body is larger than the server's limit of {limit} bytes "
+            "(`sllm start --max-body-bytes`).",
+            None,
+        )
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    return b"", too_large
+            except ValueError:
+                return b"", (400, "The Content-Length header is not a number.", None)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body and _is_json(scope):
+            try:
+                parse_json(body)
+            except BadJSON as exc:
+                return body, (400, exc.message, exc.param)
+        return body, None
+
+
+def _is_json(scope: Scope) -> bool:
+    """FastAPI parses a body as JSON when it says so, or says nothing."""
+    ctype = (_header(scope, b"content-type") or b"").decode("latin-1").lower()
+    return not ctype or "json" in ctype
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then the real stream: a disconnect, for streaming responses
+
+    return replay
+
+
+async def _reply(send: Send, status: int, body: dict, headers: dict[str, str] | None = None):
+    payload = json.dumps(body).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
