@@ -20,10 +20,36 @@ def backend_root(storage: Path, backend: str = "transformers") -> Path:
     return storage / backend
 
 
+MAX_PATH_CHARS = 1024
+MAX_COMPONENT_BYTES = 255  # NAME_MAX of Linux filesystems: a longer name fails at mkdir
+
+
+def check_path_text(relative: str, *, param: str) -> None:
+    """What no filesystem takes: control characters (NUL among them), unpaired surrogates, names
+    longer than a directory entry can hold; a 400 instead of an OSError later."""
+    if len(relative) > MAX_PATH_CHARS:
+        raise InvalidRequestError(
+            f"`{param}` is {len(relative)} characters long; at most {MAX_PATH_CHARS}.", param=param
+        )
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in relative):
+        raise InvalidRequestError(
+            f"`{param}` contains a control character or an unpaired surrogate; use a plain path.",
+            param=param,
+        )
+    for part in relative.split("/"):
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise InvalidRequestError(
+                f"`{param}`: the path component {part[:40]!r}... is longer than "
+                f"{MAX_COMPONENT_BYTES} bytes, the most a file name can have.",
+                param=param,
+            )
+
+
 def resolve_inside(root: Path, relative: str, *, param: str) -> Path:
     """`root/relative`, refusing absolute paths and `..` tricks that leave `root`."""
     if not relative or not str(relative).strip():
         raise InvalidRequestError(f"`{param}` must not be empty.", param=param)
+    check_path_text(str(relative), param=param)
     if os.path.isabs(relative):
         raise InvalidRequestError(
             f"`{param}` must be a path relative to {root}, got the absolute path {relative!r}.",

@@ -237,3 +237,68 @@ def test_start_on_a_public_address_without_a_key_refuses(tmp_path):
     assert out.returncode == 2
     assert "--api-key" in out.stderr and "--allow-unauthenticated" in out.stderr
     assert not (tmp_path / "sllm.db").exists()  # refused before anything was opened
+
+
+# --- an unexpected error ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def boom_server(tmp_path):
+    """The real app on a loopback port, plus one route that fails the way a bug would."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from sllm.api.app import create_app
+    from sllm.config import Settings
+    from sllm.testing import free_port
+
+    app = create_app(Settings(storage_path=tmp_path / "store", num_cpus=1, num_gpus=0))
+
+    @app.get("/boom")
+    def boom() -> dict:
+        raise RuntimeError("a bug")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 90
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def _read_response(sock) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return int(head.split(b" ", 2)[1]), rest[:length]
+
+
+def test_an_unexpected_error_is_a_whole_500_and_the_connection_stays_usable(boom_server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", boom_server), timeout=30) as sock:
+        request = "GET {} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+        sock.sendall(request.format("/boom").encode())
+        status, body = _read_response(sock)
+        assert status == 500
+        err = json.loads(body)["error"]
+        assert err["type"] == "internal_error" and "RuntimeError" in err["message"]
+        assert "a bug" not in err["message"]  # no internals in the answer
+        sock.sendall(request.format("/health").encode())  # the same connection
+        status, body = _read_response(sock)
+        assert status == 200 and json.loads(body)["status"] == "ok"

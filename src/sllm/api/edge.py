@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -34,6 +35,7 @@ from sllm.config import DEFAULT_MAX_BODY_BYTES
 MAX_DEPTH = 64
 MAX_KEY_CHARS = 256
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key
 
 # C0 controls but tab, newline, carriage return; DEL; C1 controls; unpaired surrogates.
@@ -182,7 +184,7 @@ class EdgeMiddleware:
             and not _header(scope, b"content-length")
             and not _header(scope, b"transfer-encoding")
         ):
-            await self.app(scope, receive, send)
+            await self._guarded(scope, receive, send)
             return
         body, problem = await self._read_body(scope, receive)
         if problem is not None:
@@ -190,7 +192,28 @@ class EdgeMiddleware:
             type_ = "request_too_large" if status == 413 else "invalid_request_error"
             await _reply(send, status, error_body(message, type_, param, status))
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self._guarded(scope, _replay(body, receive), send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An unexpected error (there should be none) still gets a complete 500 answer, and the
+        keep-alive connection stays usable; one that strikes mid-stream closes it instead, the
+        only clean way left to end a half-sent answer."""
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            message = f"Internal server error ({type(exc).__name__}); the server log has details."
+            await _reply(send, 500, error_body(message, "internal_error", None, 500))
 
     def _authorised(self, scope: Scope) -> bool:
         auth = _header(scope, b"authorization") or b""

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from sllm.jobs.states import JobStatus
 
 DEFAULT_TIMEOUT_S = 3600
+MAX_TIMEOUT_S = 30 * 24 * 3600  # a month: longer is a mistake, and infinity is not a deadline
+INT64_MAX = 2**63 - 1  # what SQLite's INTEGER holds
 
 
 class FineTuningJobRequest(BaseModel):
@@ -16,14 +18,31 @@ class FineTuningJobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, description="Base model, as saved by `sllm-store save`.")
-    ft_backend: str = Field("peft_lora", description="Fine-tuning backend; `peft_lora` today.")
-    num_gpus: StrictInt = Field(0, ge=0, description="GPUs the job holds while it runs.")
-    num_cpus: StrictInt = Field(1, ge=1, description="CPU cores the job holds while it runs.")
-    timeout: StrictInt | StrictFloat = Field(
-        DEFAULT_TIMEOUT_S, gt=0, description="Seconds from start after which the job is stopped."
+    model: str = Field(
+        min_length=1, max_length=512, description="Base model, as saved by `sllm-store save`."
     )
-    priority: StrictInt = Field(0, description="Higher runs first; equal priorities run FIFO.")
+    ft_backend: str = Field(
+        "peft_lora", max_length=64, description="Fine-tuning backend; `peft_lora` today."
+    )
+    num_gpus: StrictInt = Field(
+        0, ge=0, le=INT64_MAX, description="GPUs the job holds while it runs."
+    )
+    num_cpus: StrictInt = Field(
+        1, ge=1, le=INT64_MAX, description="CPU cores the job holds while it runs."
+    )
+    timeout: StrictInt | StrictFloat = Field(
+        DEFAULT_TIMEOUT_S,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="Seconds from start after which the job is stopped (at most 30 days).",
+    )
+    priority: StrictInt = Field(
+        0,
+        ge=-INT64_MAX,
+        le=INT64_MAX,
+        description="Higher runs first; equal priorities run FIFO.",
+    )
     backend_config: dict[str, Any] = Field(default_factory=dict)
 
 
