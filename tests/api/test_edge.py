@@ -302,3 +302,14 @@ def test_an_unexpected_error_is_a_whole_500_and_the_connection_stays_usable(boom
         sock.sendall(request.format("/health").encode())  # the same connection
         status, body = _read_response(sock)
         assert status == 200 and json.loads(body)["status"] == "ok"
+
+
+def test_config_strings_are_bounded(srv):
+    before = _stored(srv)
+    cfg = job_config(srv.storage, num_cpus=1)
+    cfg["backend_config"]["training_config"]["run_name"] = "x" * 5000
+    err = _assert_error(srv.client.post("/v1/fine_tuning/jobs", json=cfg), 400, "at most 4096")
+    assert "training_config.run_name" in err["message"]
+    cfg = job_config(srv.storage, num_cpus=1, output_dir="a/" + "b" * 300)
+    _assert_error(srv.client.post("/v1/fine_tuning/jobs", json=cfg), 400, "longer than 255")
+    assert _stored(srv) == before

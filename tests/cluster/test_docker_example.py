@@ -29,7 +29,15 @@ def test_head_serves_the_api_on_8343_and_mounts_the_model_folder(compose):
     head = compose["services"]["sllm_head"]
     assert head["ports"] == ["8343:8343"]  # Ray's ports stay on the compose network
     assert env_of(head)["MODE"] == "HEAD" and env_of(head)["STORAGE_PATH"] == "/models"
-    assert "8343/health" in " ".join(head["healthcheck"]["test"])
+    assert "8343/health" in " ".join(head["healthcheck"]["test"])  # /health needs no key
+
+
+def test_the_head_requires_an_api_key(compose):
+    """The head binds 0.0.0.0, which `sllm start` refuses without a key: compose insists on one."""
+    head = compose["services"]["sllm_head"]
+    assert env_of(head)["SLLM_API_KEY"].startswith("${SLLM_API_KEY:?")
+    entry = (DOCKER / "entrypoint.sh").read_text()
+    assert "--host 0.0.0.0" in entry and "--allow-unauthenticated" not in entry
 
 
 def test_workers_are_gpu_ray_nodes_of_the_head(compose):

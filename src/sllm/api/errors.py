@@ -73,6 +73,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
     param = ".".join(loc) or None
     msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+    msg = msg.removeprefix("Value error, ")
     if err.get("type") == "missing" and not loc:
         return "A JSON object body is required.", None
     return (f"`{param}`: {msg}." if param else f"{msg}."), param

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
 
 from sllm.jobs.states import JobStatus
 
 DEFAULT_TIMEOUT_S = 3600
 MAX_TIMEOUT_S = 30 * 24 * 3600  # a month: longer is a mistake, and infinity is not a deadline
 INT64_MAX = 2**63 - 1  # what SQLite's INTEGER holds
+MAX_CONFIG_STRING = 4096
 
 
 class FineTuningJobRequest(BaseModel):
@@ -44,6 +45,25 @@ class FineTuningJobRequest(BaseModel):
         description="Higher runs first; equal priorities run FIFO.",
     )
     backend_config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("backend_config")
+    @classmethod
+    def _short_strings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """A config is settings and paths, not text: every string in it is at most
+        MAX_CONFIG_STRING characters (it is stored and echoed in every read of the job)."""
+        stack: list[tuple[Any, str]] = [(value, "backend_config")]
+        while stack:
+            item, where = stack.pop()
+            if isinstance(item, str) and len(item) > MAX_CONFIG_STRING:
+                raise ValueError(
+                    f"the string at `{where}` is {len(item)} characters long; at most "
+                    f"{MAX_CONFIG_STRING}"
+                )
+            if isinstance(item, dict):
+                stack += [(v, f"{where}.{k}") for k, v in item.items()]
+            elif isinstance(item, list):
+                stack += [(v, f"{where}.{i}") for i, v in enumerate(item)]
+        return value
 
 
 class JobError(BaseModel):

@@ -30,7 +30,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> tuple[str, str
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
     param = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or None)
-    msg = err.get("msg", "invalid value")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
     return (f"`{param}`: {msg}." if param else f"{msg}."), param
