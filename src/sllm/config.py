@@ -23,8 +23,9 @@ class Settings(BaseModel):
     starvation_s: float = Field(600.0, description="Wait after which a job reserves resources.")
     kill_grace_s: float = Field(5.0, description="SIGTERM-to-SIGKILL grace when stopping a job.")
     max_restarts: int = Field(
-        1, description="Re-queues of a running job after a crash (server or node); a clean "
-        "shutdown does not count."
+        1,
+        description="Re-queues of a running job after a crash (server or node); a clean "
+        "shutdown does not count.",
     )
     shutdown_grace_s: float = Field(
         30.0,
