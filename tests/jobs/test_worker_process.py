@@ -67,9 +67,10 @@ def messages(store: JobStore, job_id: str) -> list[str]:
     return [e["message"] for e in store.events(job_id, limit=10_000)[0]]
 
 
+@pytest.mark.slow  # two worker starts and 60 steps: ~40 s on 2 busy cores
 def test_sigterm_while_training_saves_a_checkpoint_and_the_next_run_resumes_from_it(storage, jobs):
     store, run, shared = jobs
-    job = create(store, storage, max_steps=150)
+    job = create(store, storage, max_steps=60)
     handle = run(job)
     wait_for(
         lambda: (store.get(job).progress or {}).get("step", 0) >= 2 or handle.poll() is not None
