@@ -78,6 +78,7 @@ class Supervisor:
         self.shutdown_grace_s = shutdown_grace_s
         self.log_retention_s = log_retention_s  # None: keep job logs forever
         self._last_sweep: float | None = None
+        self._grace = shutdown_grace_s
         self.launcher = launcher
         self.pool = pool
         self.starvation_s = starvation_s
@@ -103,12 +104,19 @@ class Supervisor:
         step boundary and exits. After `grace_s` (default `shutdown_grace_s`) the rest are
         killed. Jobs whose worker finished meanwhile complete; the others go back to `pending`
         without using up their crash re-queue, and resume from the checkpoint on the next start.
+
+        The loop's thread does this itself before it ends: the workers it spawned get
+        PR_SET_PDEATHSIG (SIGKILL) when the thread that forked them exits, not only the process.
         """
+        self._grace = self.shutdown_grace_s if grace_s is None else grace_s
         self._stop.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        grace = self.shutdown_grace_s if grace_s is None else grace_s
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=self._grace + max(self.kill_grace_s, 5.0) + 30)
+        else:
+            self._stop_workers(self._grace)
+
+    def _stop_workers(self, grace: float) -> None:
         with self._lock:
             for job_id, run in self._running.items():
                 if run.stop_reason is not None:
@@ -150,6 +158,10 @@ class Supervisor:
             except Exception:  # the loop must outlive any one bad pass
                 log.exception("supervisor pass failed")
             self._wake.wait(timeout=self._next_wait())
+        try:
+            self._stop_workers(self._grace)  # see `stop`: before this thread ends
+        except Exception:
+            log.exception("stopping the workers failed")
 
     def _next_wait(self) -> float:
         now = time.monotonic()
