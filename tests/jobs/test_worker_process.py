@@ -14,6 +14,7 @@ from sllm.finetune.checkpoints import latest_complete_checkpoint, read_state
 from sllm.jobs.db import JobStore
 from sllm.jobs.launcher import LocalLauncher
 from sllm.jobs.resources import Allocation
+from sllm.jobs.states import JobStatus
 from sllm.jobs.worker import EXIT_STOPPED
 from sllm.paths import db_path, jobs_dir
 from tests.conftest import TINY, job_config
@@ -28,6 +29,7 @@ def jobs(storage, tmp_path, monkeypatch):
     launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
 
     def run(job_id: str):
+        store.transition(job_id, JobStatus.RUNNING, message="started by the test")
         return launcher.launch(job_id, Allocation(job_id, 1), on_exit=lambda: None)
 
     yield store, run, shared
@@ -137,3 +139,19 @@ def test_a_failing_worker_reports_one_line_and_keeps_the_traceback_in_its_log(
     assert f"_jobs/{job}/worker.log" in message
     log = handle.log_path.read_text()
     assert "Traceback (most recent call last)" in log and str(outside) in log
+
+
+@pytest.mark.slow
+def test_sigterm_for_a_cancelled_job_kills_the_worker_without_a_checkpoint(storage, jobs):
+    """Cancel and timeout write the status, then SIGTERM: the worker dies at once, as before,
+    instead of spending a step and a checkpoint on a job that will not run again."""
+    store, run, _ = jobs
+    job = create(store, storage, max_steps=500)
+    handle = run(job)
+    wait_for(
+        lambda: (store.get(job).progress or {}).get("step", 0) >= 2 or handle.poll() is not None
+    )
+    assert store.transition(job, JobStatus.CANCELLED, message="Cancelled by user.")
+    handle.terminate()
+    assert handle.proc.wait(timeout=30) == -15
+    assert latest_complete_checkpoint(jobs_dir(storage) / job / "trainer") is None

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,12 +158,23 @@ class GracefulStop:
         self.requested = False
         self.phase = "preparing"
         self.stopped_at: int | None = None
+        self.job_ended: Callable[[], bool] | None = None
 
-    def install(self) -> None:
-        """Handle SIGTERM in this process (the worker's main thread)."""
+    def install(self, job_ended: Callable[[], bool] | None = None) -> None:
+        """Handle SIGTERM in this process (the worker's main thread). `job_ended` tells a cancel
+        or a timeout (the job's status already written) from a shutdown: the worker then dies at
+        once, as SIGTERM always made it, with no checkpoint nor adapter to write."""
+        self.job_ended = job_ended
         signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        try:
+            ended = self.job_ended is not None and self.job_ended()
+        except Exception:  # noqa: BLE001 - cannot tell: stop cleanly, the safe choice
+            ended = False
+        if ended:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.requested = True
         if self.phase == "preparing":
             raise StopRequested("Stopped before training began; nothing was lost.")

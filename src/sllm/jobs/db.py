@@ -302,6 +302,10 @@ class JobStore:
         rows = self._read(f"SELECT id, status FROM jobs WHERE id IN ({marks})", tuple(job_ids))
         return {r["id"]: JobStatus(r["status"]) for r in rows}
 
+    def status_of(self, job_id: str) -> JobStatus | None:
+        rows = self._read("SELECT status FROM jobs WHERE id = ?", (job_id,))
+        return JobStatus(rows[0][0]) if rows else None
+
     def exists(self, job_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM jobs WHERE id = ?", (job_id,)))
 

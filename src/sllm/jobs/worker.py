@@ -34,7 +34,7 @@ from sllm.errors import InvalidRequestError
 from sllm.finetune.checkpoints import StopRequested, graceful_stop
 from sllm.jobs.db import JobStore
 from sllm.jobs.messages import exception_reason, log_hint
-from sllm.jobs.states import ErrorKind
+from sllm.jobs.states import ErrorKind, JobStatus
 from sllm.paths import jobs_dir
 
 PROGRESS_MIN_INTERVAL_S = 0.25
@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     die_with_parent()
-    graceful_stop.install()
     if args.report_fd is not None:
+        graceful_stop.install()  # no database on a Ray node: every SIGTERM stops cleanly
         return run_piped(args.report_fd, args.job_id, sys.stdin.read())
     store = JobStore(args.db)
+    graceful_stop.install(job_ended=lambda: store.status_of(args.job_id) is not JobStatus.RUNNING)
     try:
         return run_job(store, args.job_id)
     finally:
