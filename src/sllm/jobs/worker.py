@@ -180,8 +180,9 @@ class PipeReporter(ThrottledReporter):
 def use_job_dirs(spec) -> None:
     """Keep what `datasets` and temporary files write under the job's directory in the store.
 
-    A local dataset's Arrow copy and its tokenization caches go to `_jobs/<id>/datasets` (kept
-    across re-queues, so a resumed job does not convert again). A hub dataset is read from the
+    A local dataset's Arrow copy and its tokenization caches (also those of an `hf_hub` dataset
+    that is a repository directory on disk) go to `_jobs/<id>/datasets` (kept across re-queues,
+    so a resumed job does not convert again). A hub dataset is read from the
     server's datasets cache, where a download belongs (and where an offline server finds it);
     its transforms are not cached there but written to `_jobs/<id>/tmp`, like any temp file.
     Called before `datasets` is imported: it reads the environment once.
@@ -192,8 +193,9 @@ def use_job_dirs(spec) -> None:
     os.environ["TMPDIR"] = str(tmp)
     tempfile.tempdir = None  # re-read TMPDIR
     dataset = spec.backend_config.get("dataset_config") or {}
-    if dataset.get("dataset_source", "local") == "local":
-        os.environ["HF_DATASETS_CACHE"] = str(job_dir / "datasets")
+    source = dataset.get("dataset_source", "local")
+    if source == "local" or os.path.isabs(str(dataset.get("hf_dataset_name") or "")):
+        os.environ["HF_DATASETS_CACHE"] = str(job_dir / "datasets")  # a file or repo on disk
     else:
         import datasets
 
