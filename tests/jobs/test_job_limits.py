@@ -15,7 +15,7 @@ from sllm.jobs.messages import readable_error, scrub_paths
 from sllm.jobs.resources import ResourcePool
 from sllm.jobs.states import JobStatus
 from sllm.jobs.supervisor import Supervisor
-from sllm.jobs.worker import LOSS_EVERY_STEP_UNTIL, DbReporter
+from sllm.jobs.worker import LOSS_STRIDE_DIVISOR, DbReporter
 
 
 @pytest.fixture
@@ -42,12 +42,12 @@ def test_a_million_step_job_writes_about_a_thousand_loss_events(store):
     events, _ = store.events(job, limit=10_000)
     steps = [e["data"]["step"] for e in events if e["type"] == "loss"]
     assert len(steps) < 1_500, len(steps)
-    assert steps[: 2 * LOSS_EVERY_STEP_UNTIL] == list(range(1, 2 * LOSS_EVERY_STEP_UNTIL + 1))
+    assert steps[: 2 * LOSS_STRIDE_DIVISOR] == list(range(1, 2 * LOSS_STRIDE_DIVISOR + 1))
     assert steps[-1] == total and steps == sorted(steps)
     gaps = [b - a for a, b in itertools.pairwise(steps)]
-    assert max(gaps) <= total // LOSS_EVERY_STEP_UNTIL  # no long silence either
+    assert max(gaps) <= total // LOSS_STRIDE_DIVISOR  # no long silence either
     notes = [e for e in events if e["type"] == "info" and "thinned" in e["message"]]
-    assert len(notes) == 1 and notes[0]["data"]["step"] == 2 * LOSS_EVERY_STEP_UNTIL + 1
+    assert len(notes) == 1 and notes[0]["data"]["step"] == 2 * LOSS_STRIDE_DIVISOR + 1
     assert store.get(job).progress["step"] == total
 
 

@@ -39,10 +39,11 @@ from sllm.paths import jobs_dir
 
 PROGRESS_MIN_INTERVAL_S = 0.25
 EXIT_STOPPED = 75  # stopped on request (SIGTERM), checkpoint saved: not a failure
-# Loss events: every logged step while the step count is below LOSS_EVERY_STEP_UNTIL, then one
-# per `step // LOSS_EVERY_STEP_UNTIL` steps, so a run of S steps writes about
-# 200 + 100 * ln(S / 200) rows (1,050 for a million steps); the last step is always written.
-LOSS_EVERY_STEP_UNTIL = 100
+# Loss events: a step is written when at least `last written step // LOSS_STRIDE_DIVISOR` steps
+# have passed since the last one written: every logged step up to step 200, then ever fewer, so a
+# run of S steps writes about 200 + 100 * ln(S / 200) rows (1,050 for a million steps). The last
+# step is always written.
+LOSS_STRIDE_DIVISOR = 100
 
 
 def die_with_parent() -> None:
@@ -62,8 +63,8 @@ class LossThinner:
     the event count grows with the log of the run's length (the progress field and the adapter's
     `training_metadata.json` still get every point)."""
 
-    def __init__(self, every_step_until: int = LOSS_EVERY_STEP_UNTIL) -> None:
-        self.k = every_step_until
+    def __init__(self, divisor: int = LOSS_STRIDE_DIVISOR) -> None:
+        self.k = divisor
         self.last: int | None = None
         self.total: int | None = None
         self.skipped = 0
@@ -111,7 +112,7 @@ class ThrottledReporter:
                 self._event(
                     "info",
                     f"From step {step} on, loss events are thinned (one per step/"
-                    f"{LOSS_EVERY_STEP_UNTIL} steps, and the last); the progress field follows "
+                    f"{LOSS_STRIDE_DIVISOR} steps, and the last); the progress field follows "
                     "every step and the adapter's training_metadata.json keeps the whole loss "
                     "history.",
                     {"step": step},
