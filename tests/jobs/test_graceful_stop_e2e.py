@@ -1,6 +1,7 @@
 """A clean stop of `sllm start` (SIGTERM, Ctrl-C) checkpoints the running job and re-queues it
 without using up its crash re-queue: stopped twice and started again, it resumes each time from
-the checkpoint the stop saved (no periodic checkpoints here) and completes."""
+the checkpoint the stop saved (no periodic checkpoints here) and completes. Its log is deleted
+once `--log-retention-days` have passed."""
 
 from __future__ import annotations
 
@@ -59,3 +60,9 @@ def test_sigterm_and_ctrl_c_checkpoint_the_job_and_each_restart_resumes_it(stora
     assert not scratch.exists()
     meta = json.loads((Path(body["status"]["adapter_path"]) / "training_metadata.json").read_text())
     assert meta["steps"] == STEPS and meta["resumed_from"]["step"] == stops[-1]
+
+    # The job's log outlives it until the retention is over: 0 days, at the next start.
+    assert (storage / "_jobs" / job / "worker.log").is_file()
+    srv.stop()
+    server_factory(storage, "--num-cpus", "1", "--log-retention-days", "0")
+    assert not (storage / "_jobs" / job).exists()
