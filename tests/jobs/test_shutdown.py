@@ -130,6 +130,21 @@ def test_shutdown_lets_a_finishing_job_complete_and_leaves_cancelled_ones_cancel
     assert launcher.handles[done].signals == ["TERM"]
 
 
+def test_a_worker_stopped_by_a_sigterm_from_elsewhere_is_requeued_uncharged(env):
+    """systemd's default stop sends SIGTERM to every process of the service at once: a worker
+    may checkpoint and exit before the server begins its own shutdown. That is no failure."""
+    store, make = env
+    launcher = FakeLauncher()
+    sup = make(launcher, cpus=1)
+    job = add(store)
+    sup.tick()
+    launcher.handles[job].rc = EXIT_STOPPED
+    sup._reap()
+    rec = store.get(job)
+    assert rec.status is JobStatus.PENDING and rec.crash_requeues == 0
+    assert "did not come from the server" in store.events(job)[0][-1]["message"]
+
+
 def test_a_lost_node_uses_the_crash_requeue_too(env):
     store, make = env
 

@@ -33,6 +33,7 @@ from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
 from sllm.jobs.messages import log_hint
 from sllm.jobs.resources import ResourcePool
 from sllm.jobs.states import TERMINAL, ErrorKind, JobStatus
+from sllm.jobs.worker import EXIT_STOPPED
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +277,26 @@ class Supervisor:
         if rc == 0 and rec.adapter_path:
             self.store.transition(run.job_id, JobStatus.COMPLETED, message="Job completed.")
             return
+        step = (rec.progress or {}).get("step")
+        at = f" at step {step}" if step else ""
         if run.stop_reason == "shutdown":  # however it ended, the shutdown stopped it
-            step = (rec.progress or {}).get("step")
-            at = f" at step {step}" if step else ""
             self.store.transition(
                 rec.id,
                 JobStatus.PENDING,
                 message=f"Stopped{at} by a clean server shutdown; re-queued, it resumes from its "
                 "last checkpoint on the next start (a clean stop does not count as a crash).",
+                worker_pid=None,
+                progress_json=None,
+            )
+            return
+        if rc == EXIT_STOPPED:  # SIGTERM from elsewhere (a service manager stopping the whole
+            # group before the server): it saved a checkpoint, so it just runs again from there
+            self.store.transition(
+                rec.id,
+                JobStatus.PENDING,
+                message=f"The worker was stopped{at} by a SIGTERM that did not come from the "
+                "server (e.g. a service manager stopping every process); it saved a checkpoint "
+                "and the job is re-queued (not counted as a crash).",
                 worker_pid=None,
                 progress_json=None,
             )
