@@ -24,7 +24,22 @@ class Settings(BaseModel):
     )
     starvation_s: float = Field(600.0, description="Wait after which a job reserves resources.")
     kill_grace_s: float = Field(5.0, description="SIGTERM-to-SIGKILL grace when stopping a job.")
-    max_restarts: int = Field(1, description="Re-queues of a running job after a server crash.")
+    max_restarts: int = Field(
+        1,
+        description="Re-queues of a running job after a crash (server or node); a clean "
+        "shutdown does not count.",
+    )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="On a clean shutdown (SIGTERM, Ctrl-C): how long running jobs get to save a "
+        "checkpoint at their next step boundary before their workers are killed.",
+    )
+    log_retention_days: float = Field(
+        7.0,
+        ge=0,
+        description="Days the files of an ended job (`_jobs/<id>/`, its worker log) are kept.",
+    )
     ray_address: str | None = Field(
         None,
         description="Run jobs and instances on this Ray cluster (`host:port`, `auto`, `local`).",

@@ -49,6 +49,8 @@ class Services:
             kill_grace_s=settings.kill_grace_s,
             max_restarts=settings.max_restarts,
             scratch_root=jobs_dir(storage),
+            shutdown_grace_s=settings.shutdown_grace_s,
+            log_retention_s=settings.log_retention_days * 86400,
         )
         jobs = JobService(settings, store, pool, supervisor)
         registry = DeploymentRegistry(db_path(storage))
@@ -66,6 +68,7 @@ class Services:
             self.deployments.start()
 
     def stop(self) -> None:
+        """A clean shutdown: instances stop, running jobs checkpoint and go back to pending."""
         if self.deployments is not None:
             self.deployments.stop()
         self.supervisor.stop()

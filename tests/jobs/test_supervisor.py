@@ -9,44 +9,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from job_helpers import FakeLauncher, add, complete
 
 from sllm.jobs.db import JobStore
 from sllm.jobs.resources import ResourcePool
 from sllm.jobs.states import JobStatus
 from sllm.jobs.supervisor import Supervisor
-
-
-class FakeHandle:
-    def __init__(self) -> None:
-        self.pid = None
-        self.host = "fake"
-        self.rc: int | None = None
-        self.signals: list[str] = []
-
-    def poll(self) -> int | None:
-        return self.rc
-
-    def terminate(self) -> None:
-        self.signals.append("TERM")
-
-    def kill(self) -> None:
-        self.signals.append("KILL")
-        self.rc = -9
-
-    def log_tail(self, lines: int = 20) -> str:
-        return "Traceback: boom"
-
-
-class FakeLauncher:
-    def __init__(self) -> None:
-        self.handles: dict[str, FakeHandle] = {}
-        self.order: list[str] = []
-
-    def launch(self, job_id, alloc, on_exit):
-        handle = FakeHandle()
-        self.handles[job_id] = handle
-        self.order.append(job_id)
-        return handle
 
 
 @pytest.fixture
@@ -61,24 +29,6 @@ def env(tmp_path):
 
     yield store, launcher, make
     store.close()
-
-
-def add(store, priority=0, cpus=1, gpus=0, timeout=3600.0):
-    return store.create(
-        model="m",
-        ft_backend="peft_lora",
-        num_cpus=cpus,
-        num_gpus=gpus,
-        timeout=timeout,
-        priority=priority,
-        config={},
-        backend_config={},
-    ).id
-
-
-def complete(store, launcher, job_id):
-    store.set_result(job_id, "/adapter")
-    launcher.handles[job_id].rc = 0
 
 
 def test_priority_then_fifo(env):
@@ -185,7 +135,8 @@ def test_cancelled_running_job_is_killed(env):
     assert store.get(job).status is JobStatus.CANCELLED
 
 
-def test_crashed_worker_fails_with_log_tail(env):
+def test_crashed_worker_fails_with_one_line_pointing_at_its_log(env):
+    """The log's last lines (a traceback) stay in the job's log, not in `error.message`."""
     store, launcher, make = env
     sup = make(cpus=1)
     job = add(store)
@@ -194,7 +145,8 @@ def test_crashed_worker_fails_with_log_tail(env):
     sup.tick()
     rec = store.get(job)
     assert rec.status is JobStatus.FAILED and rec.error_kind == "worker_crashed"
-    assert "signal 9" in rec.error_message and "Traceback: boom" in rec.error_message
+    assert "signal 9" in rec.error_message and f"_jobs/{job}/worker.log" in rec.error_message
+    assert "Traceback" not in rec.error_message and "\n" not in rec.error_message
 
 
 def test_worker_error_reason_is_kept(env):

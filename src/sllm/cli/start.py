@@ -26,6 +26,19 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--starvation-seconds", type=float, default=600.0)
     p.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=30.0,
+        help="On SIGTERM or Ctrl-C, how long running jobs get to checkpoint at their next step "
+        "before their workers are killed; they resume on the next start (default 30).",
+    )
+    p.add_argument(
+        "--log-retention-days",
+        type=float,
+        default=7.0,
+        help="Days the worker logs of ended jobs are kept under $STORAGE_PATH/_jobs (default 7).",
+    )
+    p.add_argument(
         "--ray-address",
         default=None,
         help="Run fine-tuning jobs and inference instances on this Ray cluster (host:port; "
@@ -106,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         num_gpus=args.num_gpus,
         data_roots=args.data_root,
         starvation_s=args.starvation_seconds,
+        shutdown_grace_s=args.shutdown_grace_seconds,
+        log_retention_days=args.log_retention_days,
         ray_address=args.ray_address,
         api_keys=keys,
         max_body_bytes=args.max_body_bytes,

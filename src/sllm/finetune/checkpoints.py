@@ -20,15 +20,23 @@ fingerprint, the device, precision, token budget and batching plan, library vers
 checkpoints; when it differs (the data file was edited,
 the server upgraded), the checkpoints are dropped and the job trains from step 0, with an event
 saying why. (Resuming someone else's steps would skip the wrong batches, or none at all.)
+
+A clean server shutdown SIGTERMs the worker (`graceful_stop`): before training starts it simply
+stops (nothing trained yet, nothing lost); while it trains, the Trainer saves a checkpoint at the
+next step boundary and the run ends with `StopRequested`; once the last step is done, the adapter
+is saved as usual. So a shutdown costs at most one step, whatever `checkpoint_minutes` is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +141,71 @@ def periodic_checkpoint_callback(interval_s: float):
             self.last = time.monotonic()
 
     return PeriodicCheckpoint()
+
+
+class StopRequested(BaseException):
+    """The worker was asked to stop (SIGTERM: a server shutdown) and did, cleanly. A
+    BaseException, like KeyboardInterrupt, so that no library's `except Exception` turns it into
+    a failure."""
+
+
+class GracefulStop:
+    """What SIGTERM means to a training run, by phase: `preparing` (loading the model and data:
+    stop at once), `training` (finish the step, save a checkpoint, stop), `finishing` (the last
+    step is done: save the adapter, then exit as usual)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.phase = "preparing"
+        self.stopped_at: int | None = None
+        self.job_ended: Callable[[], bool] | None = None
+
+    def install(self, job_ended: Callable[[], bool] | None = None) -> None:
+        """Handle SIGTERM in this process (the worker's main thread). `job_ended` tells a cancel
+        or a timeout (the job's status already written) from a shutdown: the worker then dies at
+        once, as SIGTERM always made it, with no checkpoint nor adapter to write."""
+        self.job_ended = job_ended
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        try:
+            ended = self.job_ended is not None and self.job_ended()
+        except Exception:  # noqa: BLE001 - cannot tell: stop cleanly, the safe choice
+            ended = False
+        if ended:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.requested = True
+        if self.phase == "preparing":
+            raise StopRequested("Stopped before training began; nothing was lost.")
+
+    def callback(self):
+        """The `TrainerCallback` that turns a stop request into a checkpoint and an exit."""
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class GracefulStopCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                stop.phase = "training"
+                if stop.requested and state.global_step < state.max_steps:
+                    raise StopRequested("Stopped before the first step; nothing was lost.")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.requested and state.global_step < state.max_steps:
+                    control.should_save = True
+                    stop.stopped_at = state.global_step
+
+            def on_save(self, args, state, control, **kwargs):
+                if stop.stopped_at is not None:  # the checkpoint is complete on disk now
+                    raise StopRequested(
+                        f"Stopped at step {stop.stopped_at}; checkpoint-{stop.stopped_at} saved."
+                    )
+
+            def on_train_end(self, args, state, control, **kwargs):
+                stop.phase = "finishing"
+
+        return GracefulStopCallback()
+
+
+graceful_stop = GracefulStop()  # one per process: the signal handler is process-wide

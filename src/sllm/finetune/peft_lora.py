@@ -26,6 +26,7 @@ from sllm.finetune.base import JobSpec, Reporter, TrainResult, ValidationContext
 from sllm.finetune.batching import plan_batching
 from sllm.finetune.checkpoints import (
     earlier_losses,
+    graceful_stop,
     periodic_checkpoint_callback,
     read_state,
     resumable_checkpoint,
@@ -248,7 +249,7 @@ class PeftLoraBackend:
         reporter.event("info", plan.summary(), speed)
 
         tracker = TrainingTracker(reporter)
-        callbacks = [make_progress_callback(tracker)]
+        callbacks = [make_progress_callback(tracker), graceful_stop.callback()]
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
         manifest = read_manifest(storage, spec.model) or {}

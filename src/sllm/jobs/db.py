@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sllm.jobs.states import TRANSITIONS, JobStatus, sources_of
+from sllm.jobs.messages import readable_error
+from sllm.jobs.states import TERMINAL, TRANSITIONS, JobStatus, sources_of
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,6 +44,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress_json TEXT,
     adapter_path TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    crash_requeues INTEGER NOT NULL DEFAULT 0,
+    clean_stop INTEGER NOT NULL DEFAULT 0,
     worker_pid INTEGER,
     worker_host TEXT,
     resources_json TEXT
@@ -59,6 +62,16 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
 """
+
+# Columns added after the first release, with how an older database gets them. `crash_requeues`
+# used to be `attempts - 1` (every start after the first was a re-queue after a crash).
+_ADDED_COLUMNS = {
+    "crash_requeues": (
+        "INTEGER NOT NULL DEFAULT 0",
+        "UPDATE jobs SET crash_requeues = MAX(attempts - 1, 0)",
+    ),
+    "clean_stop": ("INTEGER NOT NULL DEFAULT 0", None),
+}
 
 
 def now_iso() -> str:
@@ -87,7 +100,9 @@ class JobRecord:
     error_kind: str | None
     progress: dict[str, Any] | None
     adapter_path: str | None
-    attempts: int
+    attempts: int  # times a worker was started for it
+    crash_requeues: int  # times it was re-queued after a crash (server or node), not a clean stop
+    clean_stop: bool  # a clean server shutdown stopped it: re-queue without charging a crash
     worker_pid: int | None
     worker_host: str | None
     resources: dict[str, Any] | None
@@ -116,6 +131,8 @@ class JobRecord:
             progress=json.loads(d["progress_json"]) if d["progress_json"] else None,
             adapter_path=d["adapter_path"],
             attempts=d["attempts"],
+            crash_requeues=d["crash_requeues"],
+            clean_stop=bool(d["clean_stop"]),
             worker_pid=d["worker_pid"],
             worker_host=d["worker_host"],
             resources=json.loads(d["resources_json"]) if d["resources_json"] else None,
@@ -149,6 +166,23 @@ class JobStore:
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.executescript(_SCHEMA)
+            self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        have = {r["name"] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+        for name, (decl, fill) in _ADDED_COLUMNS.items():
+            if name in have:
+                continue
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+                if fill:
+                    self._conn.execute(fill)
+                self._conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                self._conn.execute("ROLLBACK")
+                if "duplicate column" not in str(exc):
+                    raise
 
     def close(self) -> None:
         with self._lock:
@@ -268,6 +302,10 @@ class JobStore:
         rows = self._read(f"SELECT id, status FROM jobs WHERE id IN ({marks})", tuple(job_ids))
         return {r["id"]: JobStatus(r["status"]) for r in rows}
 
+    def status_of(self, job_id: str) -> JobStatus | None:
+        rows = self._read("SELECT status FROM jobs WHERE id = ?", (job_id,))
+        return JobStatus(rows[0][0]) if rows else None
+
     def exists(self, job_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM jobs WHERE id = ?", (job_id,)))
 
@@ -292,12 +330,14 @@ class JobStore:
         sets = {"status": to.value, "updated_time": ts, **fields}
         if to is JobStatus.RUNNING:
             sets.update(started_time=ts, finished_time=None, adapter_path=None)
-            sets.update(error_message=None, error_kind=None, progress_json=None)
+            sets.update(error_message=None, error_kind=None, progress_json=None, clean_stop=0)
         if to in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
             sets["finished_time"] = ts
         if error_kind is not None:
             sets["error_kind"] = error_kind
-            sets["error_message"] = error_message or message
+            sets["error_message"] = readable_error(error_message or message, self.path.parent)
+            if to is JobStatus.FAILED:
+                message = sets["error_message"]  # the event says what the API says
         assignments = ", ".join(f"{k} = ?" for k in sets)
         marks = ",".join("?" * len(allowed))
         with self._lock:
@@ -334,11 +374,49 @@ class JobStore:
         )
 
     def set_error(self, job_id: str, message: str, kind: str) -> None:
-        """Record why a worker is about to fail; the supervisor then moves the status."""
+        """Record why a worker is about to fail; the supervisor then moves the status.
+
+        Stored as the API will show it (`sllm.jobs.messages.readable_error`): one line, no
+        traceback, no paths outside the store."""
         self._exec(
             "UPDATE jobs SET error_message = ?, error_kind = ?, updated_time = ? WHERE id = ?",
-            (message, kind, now_iso(), job_id),
+            (readable_error(message, self.path.parent), kind, now_iso(), job_id),
         )
+
+    def mark_clean_stop(self, job_id: str, message: str) -> bool:
+        """Record that a clean server shutdown is stopping this running job, before its worker is
+        asked to stop: even if the server then dies before it re-queues the job, the next start
+        knows the stop was asked for and does not count it as a crash."""
+        ts = now_iso()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    "UPDATE jobs SET clean_stop = 1, updated_time = ? WHERE id = ? AND status = ?",
+                    (ts, job_id, JobStatus.RUNNING.value),
+                )
+                marked = cur.rowcount == 1
+                if marked:
+                    self._insert_event(job_id, "info", "status", message, None, ts)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return marked
+
+    def finished_times(self, job_ids: list[str]) -> dict[str, str | None]:
+        """`finished_time` of each known job (None while it has not ended)."""
+        out: dict[str, str | None] = {}
+        for start in range(0, len(job_ids), 500):  # SQLite's bound on host parameters
+            chunk = job_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._read(
+                f"SELECT id, status, finished_time FROM jobs WHERE id IN ({marks})", tuple(chunk)
+            )
+            for r in rows:
+                ended = JobStatus(r["status"]) in TERMINAL
+                out[r["id"]] = r["finished_time"] if ended else None
+        return out
 
     def set_worker(self, job_id: str, pid: int | None, host: str | None) -> None:
         self._exec(

@@ -9,6 +9,12 @@ deadline, so a job submitted to an idle server starts in milliseconds. Each pass
 3. start pending jobs in order (priority, then age) while they fit; a job that does not fit is
    skipped (backfill) unless it has waited longer than `starvation_s`, in which case nothing
    behind it starts until it has run.
+
+Stopping the server cleanly (`stop`) is not a crash: each running job is marked `clean_stop`, its
+worker is asked (SIGTERM) to save a checkpoint at the next step boundary and exit, and the job goes
+back to `pending` without using up its crash re-queue (`max_restarts` counts only crashes: a
+server found dead, a lost node). Once an hour, and at start, the files of jobs that ended more than
+`log_retention_s` ago (`_jobs/<id>/`, their worker log) are deleted.
 """
 
 from __future__ import annotations
@@ -24,12 +30,17 @@ from pathlib import Path
 
 from sllm.jobs.db import JobRecord, JobStore
 from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
+from sllm.jobs.messages import log_hint
 from sllm.jobs.resources import ResourcePool
 from sllm.jobs.states import TERMINAL, ErrorKind, JobStatus
+from sllm.jobs.worker import EXIT_STOPPED
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 1.0
+SWEEP_EVERY_S = 3600.0
+# What a job's scratch holds besides its worker log: checkpoints, the datasets cache, temp files.
+SCRATCH_PARTS = ("trainer", "datasets", "tmp")
 
 
 @dataclass
@@ -38,7 +49,7 @@ class Running:
     handle: WorkerHandle
     deadline: float
     timeout: float
-    stop_reason: str | None = None  # "cancel" | "timeout"
+    stop_reason: str | None = None  # "cancel" | "timeout" | "shutdown"
     term_sent_at: float | None = None
     kill_sent: bool = False
     extra: dict = field(default_factory=dict)
@@ -60,9 +71,15 @@ class Supervisor:
         kill_grace_s: float = 5.0,
         max_restarts: int = 1,
         scratch_root: Path | None = None,
+        shutdown_grace_s: float = 30.0,
+        log_retention_s: float | None = None,
     ) -> None:
         self.store = store
-        self.scratch_root = scratch_root  # `_jobs`: per-job trainer scratch (checkpoints)
+        self.scratch_root = scratch_root  # `_jobs`: per job, its scratch and its worker log
+        self.shutdown_grace_s = shutdown_grace_s
+        self.log_retention_s = log_retention_s  # None: keep job logs forever
+        self._last_sweep: float | None = None
+        self._grace = shutdown_grace_s
         self.launcher = launcher
         self.pool = pool
         self.starvation_s = starvation_s
@@ -80,16 +97,52 @@ class Supervisor:
         self._thread = threading.Thread(target=self._loop, name="sllm-supervisor", daemon=True)
         self._thread.start()
 
-    def stop(self, kill_workers: bool = True) -> None:
-        """Stop the loop; running workers are killed (they are re-queued on the next start)."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop the loop, then the workers: a clean shutdown, not a crash.
+
+        Each running job is marked `clean_stop` first (so even a server killed during the wait
+        re-queues it uncharged), then its worker gets SIGTERM: it saves a checkpoint at the next
+        step boundary and exits. After `grace_s` (default `shutdown_grace_s`) the rest are
+        killed. Jobs whose worker finished meanwhile complete; the others go back to `pending`
+        without using up their crash re-queue, and resume from the checkpoint on the next start.
+
+        The loop's thread does this itself before it ends: the workers it spawned get
+        PR_SET_PDEATHSIG (SIGKILL) when the thread that forked them exits, not only the process.
+        """
+        self._grace = self.shutdown_grace_s if grace_s is None else grace_s
         self._stop.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        if kill_workers:
-            with self._lock:
-                for run in self._running.values():
-                    run.handle.kill()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=self._grace + max(self.kill_grace_s, 5.0) + 30)
+        else:
+            self._stop_workers(self._grace)
+
+    def _stop_workers(self, grace: float) -> None:
+        with self._lock:
+            for job_id, run in self._running.items():
+                if run.stop_reason is not None:
+                    continue  # cancelled or timed out: already being stopped
+                run.stop_reason = "shutdown"
+                self.store.mark_clean_stop(
+                    job_id,
+                    "Server shutting down: the worker was asked to save a checkpoint and stop; "
+                    "the job will resume on the next start.",
+                )
+                run.handle.terminate()
+            self._wait_reaped(grace)
+            for run in self._running.values():
+                run.handle.kill()
+            self._wait_reaped(max(self.kill_grace_s, 5.0))
+            for job_id in self._running:  # still there: the next start re-queues them
+                log.warning("worker of %s did not exit; it is left to the next start", job_id)
+
+    def _wait_reaped(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._reap()
+            if not self._running or time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def wake(self) -> None:
         self._wake.set()
@@ -106,6 +159,10 @@ class Supervisor:
             except Exception:  # the loop must outlive any one bad pass
                 log.exception("supervisor pass failed")
             self._wake.wait(timeout=self._next_wait())
+        try:
+            self._stop_workers(self._grace)  # see `stop`: before this thread ends
+        except Exception:
+            log.exception("stopping the workers failed")
 
     def _next_wait(self) -> float:
         now = time.monotonic()
@@ -119,15 +176,27 @@ class Supervisor:
 
     # --- recovery after a restart -------------------------------------------------------
     def recover(self) -> None:
-        """Jobs that were running when the last server died: kill leftovers, re-queue once."""
+        """Jobs found running: the last server stopped without re-queueing them. Kill leftover
+        workers; a job marked `clean_stop` (its shutdown began cleanly) is re-queued uncharged,
+        any other (a crash) is re-queued up to `max_restarts` times, then failed."""
         for rec in self.store.with_status(JobStatus.RUNNING):
             if kill_stale_worker(rec.worker_pid, rec.id):
                 log.warning("killed leftover worker %s of %s", rec.worker_pid, rec.id)
-            if rec.attempts <= self.max_restarts:
+            if rec.clean_stop:
+                self.store.transition(
+                    rec.id,
+                    JobStatus.PENDING,
+                    message="The server was stopped cleanly while the job ran; re-queued (a "
+                    "clean stop does not count as a crash).",
+                    worker_pid=None,
+                    progress_json=None,
+                )
+            elif rec.crash_requeues < self.max_restarts:
                 self.store.transition(
                     rec.id,
                     JobStatus.PENDING,
                     message="Server restarted while the job ran; re-queued.",
+                    crash_requeues=rec.crash_requeues + 1,
                     worker_pid=None,
                     progress_json=None,
                 )
@@ -136,10 +205,11 @@ class Supervisor:
                     rec.id,
                     JobStatus.FAILED,
                     message="Server restarted while the job ran, and it was already re-queued "
-                    f"{rec.attempts - 1} time(s); giving up.",
+                    f"{rec.crash_requeues} time(s) after a crash; giving up.",
                     error_kind=ErrorKind.SERVER_RESTART.value,
                 )
                 self.discard_scratch(rec.id)
+        self.sweep_logs()
 
     # --- one pass -----------------------------------------------------------------------
     def tick(self) -> None:
@@ -147,6 +217,8 @@ class Supervisor:
             self._reap()
             self._enforce_stops()
             self._schedule()
+        if self._last_sweep is None or time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+            self.sweep_logs()
 
     def _reap(self) -> None:
         for job_id, run in list(self._running.items()):
@@ -161,11 +233,42 @@ class Supervisor:
                 self.discard_scratch(job_id)
 
     def discard_scratch(self, job_id: str) -> None:
-        """A job that will not run again needs no checkpoints (it resumes only when re-queued).
-        Called for every way a job can end: its worker reaped, a restart or lost node once too
-        often, cancelled while pending (by the service), never fitting."""
+        """A job that will not run again needs no checkpoints (it resumes only when re-queued),
+        nor its datasets cache or temp files; its worker log stays until `sweep_logs` deletes
+        it. Called for every way a job can end: its worker reaped, a restart or lost node once
+        too often, cancelled while pending (by the service), never fitting."""
         if self.scratch_root is not None:
-            shutil.rmtree(self.scratch_root / job_id / "trainer", ignore_errors=True)
+            for part in SCRATCH_PARTS:
+                shutil.rmtree(self.scratch_root / job_id / part, ignore_errors=True)
+
+    def sweep_logs(self) -> int:
+        """Delete `_jobs/<id>/` of jobs that ended more than `log_retention_s` ago (and of
+        directories no job owns any more, by age); returns how many went."""
+        self._last_sweep = time.monotonic()
+        if self.scratch_root is None or self.log_retention_s is None:
+            return 0
+        try:
+            dirs = [d for d in self.scratch_root.iterdir() if d.is_dir()]
+        except OSError:
+            return 0
+        ended = self.store.finished_times([d.name for d in dirs])
+        cutoff = time.time() - self.log_retention_s
+        removed = 0
+        for d in dirs:
+            if d.name in ended:
+                finished = ended[d.name]
+                if finished is None:
+                    continue  # pending or running: its files are in use
+                when = datetime.fromisoformat(finished).replace(tzinfo=timezone.utc).timestamp()
+            else:
+                try:  # no such job (a deleted database): go by the files' age
+                    when = max(p.stat().st_mtime for p in [d, *d.iterdir()])
+                except (OSError, ValueError):
+                    continue
+            if when <= cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed
 
     def _finish(self, run: Running, rc: int) -> None:
         rec = self.store.get(run.job_id)
@@ -173,6 +276,30 @@ class Supervisor:
             return  # cancelled or timed out: the status was already written
         if rc == 0 and rec.adapter_path:
             self.store.transition(run.job_id, JobStatus.COMPLETED, message="Job completed.")
+            return
+        step = (rec.progress or {}).get("step")
+        at = f" at step {step}" if step else ""
+        if run.stop_reason == "shutdown":  # however it ended, the shutdown stopped it
+            self.store.transition(
+                rec.id,
+                JobStatus.PENDING,
+                message=f"Stopped{at} by a clean server shutdown; re-queued, it resumes from its "
+                "last checkpoint on the next start (a clean stop does not count as a crash).",
+                worker_pid=None,
+                progress_json=None,
+            )
+            return
+        if rc == EXIT_STOPPED:  # SIGTERM from elsewhere (a service manager stopping the whole
+            # group before the server): it saved a checkpoint, so it just runs again from there
+            self.store.transition(
+                rec.id,
+                JobStatus.PENDING,
+                message=f"The worker was stopped{at} by a SIGTERM that did not come from the "
+                "server (e.g. a service manager stopping every process); it saved a checkpoint "
+                "and the job is re-queued (not counted as a crash).",
+                worker_pid=None,
+                progress_json=None,
+            )
             return
         lost = getattr(run.handle, "node_lost", None)  # only cluster handles have it
         if lost:
@@ -183,10 +310,10 @@ class Supervisor:
         else:
             kind = ErrorKind.WORKER_CRASHED.value
             how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
-            message = f"The worker {how}."
+            message = f"The worker {how}; {log_hint(rec.id)}."
         last = run.handle.log_tail(20)
-        if last:
-            message = f"{message}\n--- last worker log lines ---\n{last}"
+        if last:  # for the operator; the API answer stays one line
+            log.warning("job %s failed: %s\nlast worker log lines:\n%s", rec.id, message, last)
         self.store.transition(
             run.job_id, JobStatus.FAILED, message=message, error_kind=kind, error_message=message
         )
@@ -194,17 +321,21 @@ class Supervisor:
     def _node_lost(self, rec: JobRecord, reason: str) -> None:
         """The node running the job died: re-queue it, as a server restart would, or fail it."""
         kind = ErrorKind.NODE_LOST.value
-        if rec.attempts <= self.max_restarts:
+        if rec.crash_requeues < self.max_restarts:
             self.store.transition(
                 rec.id,
                 JobStatus.PENDING,
                 message=f"{reason} Re-queued.",
                 error_kind=kind,
+                crash_requeues=rec.crash_requeues + 1,
                 worker_pid=None,
                 progress_json=None,
             )
             return
-        message = f"{reason} The job was already re-queued {rec.attempts - 1} time(s); giving up."
+        message = (
+            f"{reason} The job was already re-queued {rec.crash_requeues} time(s) after a crash; "
+            "giving up."
+        )
         self.store.transition(
             rec.id, JobStatus.FAILED, message=message, error_kind=kind, error_message=message
         )
@@ -279,7 +410,7 @@ class Supervisor:
             self.store.transition(
                 rec.id,
                 JobStatus.FAILED,
-                message=f"Could not start the worker: {exc}",
+                message=f"Could not start the worker: {type(exc).__name__}: {exc}",
                 error_kind=ErrorKind.WORKER_CRASHED.value,
             )
             return False

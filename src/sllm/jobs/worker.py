@@ -7,6 +7,13 @@ parent (PR_SET_PDEATHSIG), so no orphan trains on. Two ways to run it:
     python -m sllm.jobs.worker --db PATH JOB_ID             # local: reads and writes SQLite
     python -m sllm.jobs.worker --report-fd N JOB_ID < spec  # Ray node: spec as JSON on stdin,
                                                             # reports as JSON lines on fd N
+
+SIGTERM (a clean server shutdown) makes it save a checkpoint at the next step boundary and exit
+with `EXIT_STOPPED` (see `sllm.finetune.checkpoints.GracefulStop`). What it writes besides the
+adapter stays in the job's directory `_jobs/<id>/` of the store, deleted with the job's scratch:
+the datasets cache of a local dataset (`datasets/`) and temporary files (`tmp/`); its output goes
+to `_jobs/<id>/worker.log`, which keeps the traceback of a failure while the job's `error.message`
+is one line.
 """
 
 from __future__ import annotations
@@ -17,15 +24,26 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from sllm.errors import InvalidRequestError
+from sllm.finetune.checkpoints import StopRequested, graceful_stop
 from sllm.jobs.db import JobStore
-from sllm.jobs.states import ErrorKind
+from sllm.jobs.messages import exception_reason, log_hint
+from sllm.jobs.states import ErrorKind, JobStatus
+from sllm.paths import jobs_dir
 
 PROGRESS_MIN_INTERVAL_S = 0.25
+EXIT_STOPPED = 75  # stopped on request (SIGTERM), checkpoint saved: not a failure
+# Loss events: a step is written when at least `last written step // LOSS_STRIDE_DIVISOR` steps
+# have passed since the last one written: every logged step up to step 200, then ever fewer, so a
+# run of S steps writes about 200 + 100 * ln(S / 200) rows (1,050 for a million steps). The last
+# step is always written.
+LOSS_STRIDE_DIVISOR = 100
 
 
 def die_with_parent() -> None:
@@ -40,16 +58,40 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+class LossThinner:
+    """Which loss events to keep: every one early on, then a stride that grows with the step, so
+    the event count grows with the log of the run's length (the progress field and the adapter's
+    `training_metadata.json` still get every point)."""
+
+    def __init__(self, divisor: int = LOSS_STRIDE_DIVISOR) -> None:
+        self.k = divisor
+        self.last: int | None = None
+        self.total: int | None = None
+        self.skipped = 0
+
+    def keep(self, step: int) -> bool:
+        last = self.last
+        if last is None or step - last >= last // self.k or (self.total and step >= self.total):
+            self.last = step
+            return True
+        self.skipped += 1
+        return False
+
+
 class ThrottledReporter:
-    """Progress is throttled (the last one always lands); subclasses say where reports go."""
+    """Progress is throttled (the last one always lands), loss events thinned (`LossThinner`);
+    subclasses say where reports go."""
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         self._last_write = 0.0
         self._pending: dict[str, Any] | None = None
+        self.thinner = LossThinner()
 
     def progress(self, **fields: Any) -> None:
         self._pending = {k: v for k, v in fields.items() if v is not None}
+        if self._pending.get("total_steps"):
+            self.thinner.total = int(self._pending["total_steps"])
         now = time.monotonic()
         if now - self._last_write >= PROGRESS_MIN_INTERVAL_S:
             self.flush()
@@ -64,6 +106,21 @@ class ThrottledReporter:
         raise NotImplementedError
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        step = (data or {}).get("step")
+        if kind == "loss" and isinstance(step, int) and not self.thinner.keep(step):
+            if self.thinner.skipped == 1:
+                self._event(
+                    "info",
+                    f"From step {step} on, loss events are thinned (one per step/"
+                    f"{LOSS_STRIDE_DIVISOR} steps, and the last); the progress field follows "
+                    "every step and the adapter's training_metadata.json keeps the whole loss "
+                    "history.",
+                    {"step": step},
+                )
+            return
+        self._event(kind, message, data)
+
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None) -> None:
         raise NotImplementedError
 
     def result(self, adapter_path: str) -> None:
@@ -83,7 +140,7 @@ class DbReporter(ThrottledReporter):
     def _write_progress(self, fields: dict[str, Any]) -> None:
         self.store.set_progress(self.job_id, fields)
 
-    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None) -> None:
         self.store.add_event(self.job_id, kind, message, data)
 
     def result(self, adapter_path: str) -> None:
@@ -111,7 +168,7 @@ class PipeReporter(ThrottledReporter):
     def _write_progress(self, fields: dict[str, Any]) -> None:
         self._send("progress", fields=fields)
 
-    def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    def _event(self, kind: str, message: str, data: dict[str, Any] | None) -> None:
         self._send("event", type=kind, message=message, data=data)
 
     def result(self, adapter_path: str) -> None:
@@ -121,17 +178,59 @@ class PipeReporter(ThrottledReporter):
         self._send("error", message=message, error_kind=kind)
 
 
+def use_job_dirs(spec) -> None:
+    """Keep what `datasets` and temporary files write under the job's directory in the store.
+
+    A local dataset's Arrow copy and its tokenization caches (also those of an `hf_hub` dataset
+    that is a repository directory on disk) go to `_jobs/<id>/datasets` (kept across re-queues,
+    so a resumed job does not convert again). A hub dataset is read from the
+    server's datasets cache, where a download belongs (and where an offline server finds it);
+    its transforms are not cached there but written to `_jobs/<id>/tmp`, like any temp file.
+    Called before `datasets` is imported: it reads the environment once.
+    """
+    job_dir = jobs_dir(Path(spec.storage_path)) / spec.job_id
+    tmp = job_dir / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # re-read TMPDIR
+    dataset = spec.backend_config.get("dataset_config") or {}
+    source = dataset.get("dataset_source", "local")
+    if source == "local" or os.path.isabs(str(dataset.get("hf_dataset_name") or "")):
+        os.environ["HF_DATASETS_CACHE"] = str(job_dir / "datasets")  # a file or repo on disk
+    else:
+        import datasets
+
+        datasets.disable_caching()
+
+
 def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
-    """Run one job's backend; every outcome is reported before the exit code is returned."""
+    """Run one job's backend; every outcome is reported before the exit code is returned.
+
+    A failure is reported as one line (the client's mistake as the backend worded it; anything
+    else as `Type: first line` and where the log is); the traceback goes to the log."""
     from sllm.finetune.base import get_backend
 
     try:
+        use_job_dirs(spec)
         backend = get_backend(ft_backend)
         result = backend.run(spec, reporter)
-    except BaseException as exc:  # noqa: BLE001 - every failure must reach the record
-        traceback.print_exc()
+    except StopRequested as exc:
+        graceful_stop.phase = "finishing"
         reporter.flush()
-        reporter.error(f"{type(exc).__name__}: {exc}", ErrorKind.WORKER_ERROR.value)
+        reporter.event("info", f"{exc} The job is re-queued by the server.", {"stopped": True})
+        print(f"sllm worker: {exc}", file=sys.stderr, flush=True)
+        return EXIT_STOPPED
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the record
+        graceful_stop.phase = "finishing"
+        traceback.print_exc()
+        sys.stderr.flush()
+        reporter.flush()
+        if isinstance(exc, InvalidRequestError):
+            message = exc.message
+        else:
+            reason = exception_reason(exc, Path(spec.storage_path))
+            message = f"{reason.rstrip('.')}; {log_hint(spec.job_id)}."
+        reporter.error(message, ErrorKind.WORKER_ERROR.value)
         return 1
     reporter.flush()
     reporter.result(str(result.adapter_path))
@@ -182,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     die_with_parent()
     if args.report_fd is not None:
+        graceful_stop.install()  # no database on a Ray node: every SIGTERM stops cleanly
         return run_piped(args.report_fd, args.job_id, sys.stdin.read())
     store = JobStore(args.db)
+    graceful_stop.install(job_ended=lambda: store.status_of(args.job_id) is not JobStatus.RUNNING)
     try:
         return run_job(store, args.job_id)
     finally:
