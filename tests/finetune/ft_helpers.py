@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,19 @@ class RecordingReporter:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def hub_cache_entry(cache: Path, repo_id: str, rows: list[dict]) -> None:
+    """Put `repo_id` into the datasets cache the way an earlier online load would have."""
+    import datasets
+
+    src_dir = cache.parent / f"src-{repo_id.replace('/', '_')}"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    src = write_jsonl(src_dir / "train.jsonl", rows)
+    work = cache.parent / f"build-{repo_id.replace('/', '_')}"  # one per repo: globbed below
+    datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(work))
+    built = next(work.glob("json/*/0.0.0/*/dataset_info.json")).parent
+    owner, name = repo_id.split("/")
+    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123abcd"
+    shutil.copytree(built, target, dirs_exist_ok=True)
+    (target / "json-train.arrow").rename(target / f"{name}-train.arrow")

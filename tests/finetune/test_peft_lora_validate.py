@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ft_helpers import PIRATE_DATA, pirate_dataset, write_jsonl
+from ft_helpers import PIRATE_DATA, hub_cache_entry, pirate_dataset, write_jsonl
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import ValidationContext, get_backend
@@ -85,12 +85,16 @@ def test_good_config_gets_defaults(backend, good, ctx, train_file):
     assert ds["tokenization_field"] == "prompt"
 
 
-def test_seed_example_config_is_accepted(backend, ctx):
-    """The seed's example file, as shipped in examples/, validates without the network."""
+def test_seed_example_config_is_accepted(backend, ctx, offline_hub):
+    """The seed's example file, as shipped in examples/, validates without the network once its
+    Hub dataset is in the datasets cache (and is a 400 naming the dataset before that)."""
     import json
 
     example = Path(__file__).parents[2] / "examples" / "fine_tuning" / "fine_tuning_config.json"
     cfg = json.loads(example.read_text())["backend_config"]
+    name = "backend_config.dataset_config.hf_dataset_name"
+    reject(backend, cfg, ctx, name, "fka/awesome-chatgpt-prompts", "offline", "local")
+    hub_cache_entry(offline_hub, "fka/awesome-chatgpt-prompts", [{"prompt": "Act as a pirate"}])
     out = backend.validate(cfg, ctx)
     assert out["output_dir"] == cfg["output_dir"]
     assert out["dataset_config"]["hf_dataset_name"] == "fka/awesome-chatgpt-prompts"

@@ -131,7 +131,8 @@ def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the record
         traceback.print_exc()
         reporter.flush()
-        reporter.error(f"{type(exc).__name__}: {exc}", ErrorKind.WORKER_ERROR.value)
+        kind = getattr(exc, "error_kind", ErrorKind.WORKER_ERROR.value)  # e.g. diverged
+        reporter.error(f"{type(exc).__name__}: {exc}", kind)
         return 1
     reporter.flush()
     reporter.result(str(result.adapter_path))
