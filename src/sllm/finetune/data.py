@@ -474,6 +474,9 @@ def _scan_json(path: str, field: str, extras: dict[str, Any], budget: _Budget):
                     path, f", line {number}", "not valid JSON (JSON Lines: one object a line)"
                 ) from None
             if not isinstance(row, dict):
+                if rows == 0 and isinstance(row, list):
+                    document = True  # a JSON array on one line
+                    break
                 raise _data_error(path, f", line {number}", "not a JSON object")
             rows += 1
             columns |= set(row)

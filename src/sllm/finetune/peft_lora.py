@@ -45,6 +45,7 @@ from sllm.finetune.config import (
     build_lora_config,
     build_training_arguments,
     check_batching,
+    check_dataset_extras,
     check_finite,
     check_lora_rank,
     check_training_config,
@@ -152,6 +153,7 @@ class PeftLoraBackend:
             warnings.simplefilter("ignore")
             get_peft_model(AutoModelForCausalLM.from_config(config), build_lora_config({}))
         check_training_config({}, cuda_available=_cuda_available())
+        check_dataset_extras({"keep_in_memory": False}, local=True, extension="json")
 
     # ------------------------------------------------------------------ run (worker process)
 
