@@ -60,3 +60,21 @@ def hub_cache_entry(cache: Path, repo_id: str, rows: list[dict]) -> None:
     target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123abcd"
     shutil.copytree(built, target, dirs_exist_ok=True)
     (target / "json-train.arrow").rename(target / f"{name}-train.arrow")
+
+
+def store_nan_model(storage: Path, name: str, scratch: Path) -> None:
+    """Save a tiny llama as `name` whose one base weight is NaN (a corrupt checkpoint): its loss
+    is NaN from the first step, and so are the LoRA weights after it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from sllm.store import save_model
+    from sllm.testing import make_tiny_model_dir
+
+    src = make_tiny_model_dir(scratch / "nan-model", arch="llama")
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(shard)
+    key = next(k for k in tensors if "down_proj" in k)
+    tensors[key][0, 0] = torch.nan
+    save_file(tensors, shard, metadata={"format": "pt"})
+    save_model(name, storage, local_model_path=src)

@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from ft_helpers import PIRATE_DATA, RecordingReporter, hub_cache_entry, write_jsonl
+from ft_helpers import (
+    PIRATE_DATA,
+    RecordingReporter,
+    hub_cache_entry,
+    store_nan_model,
+    write_jsonl,
+)
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import JobSpec, TrainResult, ValidationContext, get_backend
@@ -322,22 +328,8 @@ class _WorkerReporter(RecordingReporter):
 
 @pytest.fixture(scope="module")
 def nan_storage(tmp_path_factory) -> Path:
-    """A store whose model `tiny-nan` has one NaN in a base weight (a corrupt checkpoint): the
-    loss is NaN from the first step, and so are the LoRA weights after it."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from sllm.store import save_model
-    from sllm.testing import make_tiny_model_dir
-
-    src = make_tiny_model_dir(tmp_path_factory.mktemp("nan-src") / "tiny", arch="llama")
-    shard = next(src.glob("*.safetensors"))
-    tensors = load_file(shard)
-    key = next(k for k in tensors if "down_proj" in k)
-    tensors[key][0, 0] = torch.nan
-    save_file(tensors, shard, metadata={"format": "pt"})
     root = tmp_path_factory.mktemp("nan-store")
-    save_model("tiny-nan", root, local_model_path=src)
+    store_nan_model(root, "tiny-nan", tmp_path_factory.mktemp("nan-src"))
     return root
 
 
