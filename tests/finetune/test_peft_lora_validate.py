@@ -872,3 +872,15 @@ def test_a_pattern_over_the_store_skips_its_own_files(backend, store_ctx):
     out = backend.validate(local_cfg(store / "**" / "*.jsonl"), ctx)
     assert out["dataset_config"]["data_files"] == str((store / "data" / "train.jsonl").resolve())
     reject(backend, local_cfg(store / "_jobs" / "*" / "*"), ctx, f"{DS_}.data_files", "matches no")
+
+
+def test_a_dataset_dir_holding_the_store_is_refused(backend, store_ctx):
+    """`datasets` would read every data file below it, job scratch included."""
+    store, ctx = store_ctx
+    for where in (store, store.parent):
+        cfg = {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": str(where),
+                                  "tokenization_field": "prompt"}}  # fmt: skip
+        ctx_wide = ValidationContext(store, data_roots=[store.parent], model="tiny")
+        reject(backend, cfg, ctx_wide, f"{DS_}.hf_dataset_name", "whole store")
+    cfg["dataset_config"]["hf_dataset_name"] = str(store / "data")
+    assert backend.validate(cfg, ctx)

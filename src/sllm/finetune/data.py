@@ -180,6 +180,13 @@ def check_hf_dataset_name(
         real = local.resolve()
         resolved_roots = [Path(r).expanduser().resolve() for r in roots]
         check_data_path(name, real, resolved_roots, param, storage=storage)
+        store = Path(storage).expanduser().resolve() if storage is not None else None
+        if store is not None and (real == store or real in store.parents):
+            raise InvalidRequestError(
+                f"`{param}`: {name!r} contains the whole store (its database and job scratch "
+                "among it); point at the directory that holds only the dataset.",
+                param=param,
+            )
         if not real.is_dir():
             raise InvalidRequestError(
                 f"`{param}`: {name!r} is not a dataset directory. For single files use "
@@ -641,6 +648,13 @@ def load_training_dataset(ds: DatasetConfig):
     from datasets import load_dataset
 
     extras = ds.extras()
+    name = ds.hf_dataset_name or ""
+    if ds.dataset_source != "local" and name.strip().lower() in packaged_builders():
+        # refused at submit (it would read any file); a record from before that rule stops here
+        raise InvalidRequestError(
+            f"`{DS}.hf_dataset_name`: {name!r} is a file format; use dataset_source 'local'.",
+            param=f"{DS}.hf_dataset_name",
+        )
     try:
         if ds.dataset_source == "local":
             dataset = load_dataset(

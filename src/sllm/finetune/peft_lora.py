@@ -429,25 +429,28 @@ class DivergenceGuard:
     """Stops training at the first non-finite loss or LoRA weight, and refuses to save such an
     adapter: it would load and serve, answering NaN.
 
-    The weights are checked after every optimizer step (one max-abs reduction over the trainable
-    tensors, one device sync), because the Trainer's default `logging_nan_inf_filter` hides a
-    NaN step loss from the logs; the logged loss is checked too.
+    The weights are checked after every optimizer step (one max-abs reduction over the
+    trainable tensors), because the Trainer's default `logging_nan_inf_filter` hides a NaN step
+    loss from the logs; the logged loss is checked too. On CPU the check is read at once; on a
+    GPU the per-step results are combined on the device and read at each logging step, so the
+    guard adds no host sync beyond the ones logging already makes.
     """
 
     def __init__(self, model) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.diverged_at: int | None = None
         self.what = ""
+        self._pending = None  # device-side "all finite so far" since the last logging step
 
-    def weights_finite(self) -> bool:
+    def _finite_flag(self):
         import torch
 
-        if not self.params:
-            return True
         with torch.no_grad():
-            tensors = [p.detach() for p in self.params]
-            peaks = torch._foreach_norm(tensors, float("inf"))
-            return bool(torch.stack([t.float() for t in peaks]).isfinite().all())
+            peaks = torch._foreach_norm([p.detach() for p in self.params], float("inf"))
+            return torch.stack([t.float() for t in peaks]).isfinite().all()
+
+    def weights_finite(self) -> bool:
+        return not self.params or bool(self._finite_flag())
 
     def _stop(self, step: int, what: str, control) -> None:
         if self.diverged_at is None:
@@ -461,13 +464,22 @@ class DivergenceGuard:
 
         class DivergenceCallback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                if not guard.weights_finite():
-                    guard._stop(int(state.global_step), "LoRA weights", control)
+                if not guard.params:
+                    return
+                ok = guard._finite_flag()
+                if ok.device.type == "cpu":
+                    if not bool(ok):
+                        guard._stop(int(state.global_step), "LoRA weights", control)
+                else:
+                    guard._pending = ok if guard._pending is None else guard._pending & ok
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 loss = (logs or {}).get("loss")
                 if isinstance(loss, float) and not math.isfinite(loss):
                     guard._stop(int(state.global_step), "loss", control)
+                pending, guard._pending = guard._pending, None
+                if pending is not None and not bool(pending):
+                    guard._stop(int(state.global_step), "LoRA weights", control)
 
         return DivergenceCallback()
 
