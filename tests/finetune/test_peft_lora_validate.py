@@ -884,3 +884,11 @@ def test_a_dataset_dir_holding_the_store_is_refused(backend, store_ctx):
         reject(backend, cfg, ctx_wide, f"{DS_}.hf_dataset_name", "whole store")
     cfg["dataset_config"]["hf_dataset_name"] = str(store / "data")
     assert backend.validate(cfg, ctx)
+
+
+@pytest.mark.parametrize("key", ["max_seq_length", "tokens_per_batch"])
+def test_token_counts_fit_an_int32(backend, good, ctx, key):
+    cfg = with_(good, key, 2**31)
+    if key == "tokens_per_batch":
+        cfg["batching"] = "token_budget"
+    reject(backend, cfg, ctx, f"backend_config.{key}", "less than or equal")

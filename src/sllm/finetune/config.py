@@ -120,6 +120,7 @@ class BackendConfig(BaseModel):
     max_seq_length: int | None = Field(
         None,
         gt=0,
+        le=2**31 - 1,
         description="Longer texts are truncated; default min(model max_position_embeddings, 1024).",
     )
     batching: Literal["padding_free", "padded", "token_budget"] = Field(
@@ -137,6 +138,7 @@ class BackendConfig(BaseModel):
     tokens_per_batch: int | None = Field(
         None,
         ge=16,
+        le=2**31 - 1,
         description="`token_budget` only: tokens per batch (per device, before gradient "
         f"accumulation); default {DEFAULT_TOKENS_PER_BATCH['cuda']} on a GPU, "
         f"{DEFAULT_TOKENS_PER_BATCH['cpu']} on CPU (at least the longest row). Must be at least "
