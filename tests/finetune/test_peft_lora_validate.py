@@ -892,3 +892,14 @@ def test_token_counts_fit_an_int32(backend, good, ctx, key):
     if key == "tokens_per_batch":
         cfg["batching"] = "token_budget"
     reject(backend, cfg, ctx, f"backend_config.{key}", "less than or equal")
+
+
+def test_a_data_root_inside_a_dot_directory_is_fine(backend, good, tmp_path):
+    """Hidden means hidden below the closest data root, e.g. a store kept in `~/.sllm`."""
+    root = tmp_path / ".sllm" / "data"
+    root.mkdir(parents=True)
+    path = write_jsonl(root / "train.jsonl", [{"prompt": "hi"}])
+    ctx = ValidationContext(tmp_path / ".sllm", data_roots=[tmp_path, root], model="tiny")
+    assert backend.validate(local_cfg(path), ctx)
+    ctx = ValidationContext(tmp_path / ".sllm", data_roots=[tmp_path], model="tiny")
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "hidden")

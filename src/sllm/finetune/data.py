@@ -65,10 +65,11 @@ def _store_internal(real: Path, storage: Path | None) -> bool:
 def _hidden(real: Path, roots: list[Path]) -> bool:
     """A dot-file, or a file under a dot-directory, below the data root that holds it (the
     store's scratch and lock files, editors' and tools' private files)."""
-    for root in roots:
-        if real == root or root in real.parents:
-            return any(part.startswith(".") for part in real.relative_to(root).parts)
-    return False
+    holding = [root for root in roots if real == root or root in real.parents]
+    if not holding:
+        return False
+    closest = max(holding, key=lambda root: len(root.parts))  # a root may live in a dot-dir
+    return any(part.startswith(".") for part in real.relative_to(closest).parts)
 
 
 def check_data_path(
