@@ -776,7 +776,7 @@ def test_text_checks(backend, ctx, data_dir):
 
 def test_big_files_are_scanned_only_up_to_the_budget(backend, ctx, data_dir, monkeypatch):
     """A bad line past the scan budget is left to the run; the submission stays cheap."""
-    from sllm.finetune import data
+    from sllm.finetune import datascan as data
 
     path = data_dir / "big.jsonl"
     path.write_text('{"prompt": "a"}\n' * 100 + "not json\n")

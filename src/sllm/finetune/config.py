@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from sllm.errors import InvalidRequestError
 
 P = "backend_config"
+DS = f"{P}.dataset_config"
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
 # Token budget of a `token_budget` batch when the config gives none: GPUs want big batches; on a
