@@ -903,3 +903,65 @@ def test_a_data_root_inside_a_dot_directory_is_fine(backend, good, tmp_path):
     assert backend.validate(local_cfg(path), ctx)
     ctx = ValidationContext(tmp_path / ".sllm", data_roots=[tmp_path], model="tiny")
     reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "hidden")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Online mode against a Hub on loopback that knows one dataset, `sllm-test/known`."""
+    import http.server
+    import json
+    import threading
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            known = self.path.startswith("/api/datasets/sllm-test/known")
+            body = {"id": "sllm-test/known", "sha": "0" * 40} if known else {"error": "nope"}
+            self.send_response(200 if known else 404)
+            if not known:
+                self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}"
+    )
+    yield server
+    server.shutdown()
+
+
+def _hub_cfg(name: str) -> dict:
+    return {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": name,
+                               "tokenization_field": "text"}}  # fmt: skip
+
+
+def test_online_hub_dataset_is_checked_on_the_hub(backend, ctx, fake_hub):
+    assert backend.validate(_hub_cfg("sllm-test/known"), ctx)
+    reject(backend, _hub_cfg("sllm-test/unknown"), ctx, f"{DS_}.hf_dataset_name", "no dataset")
+
+
+def test_unreachable_hub_is_a_400_at_once(backend, ctx, fake_hub, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    reject(
+        backend, _hub_cfg("sllm-test/known"), ctx, f"{DS_}.hf_dataset_name", "could not be reached"
+    )
+    assert time.monotonic() - started < 15

@@ -447,7 +447,8 @@ class DivergenceGuard:
 
         with torch.no_grad():
             peaks = torch._foreach_norm([p.detach() for p in self.params], float("inf"))
-            return torch.stack([t.float() for t in peaks]).isfinite().all()
+            device = peaks[0].device  # (a model split over devices: gather the peaks on one)
+            return torch.stack([t.float().to(device) for t in peaks]).isfinite().all()
 
     def weights_finite(self) -> bool:
         return not self.params or bool(self._finite_flag())
