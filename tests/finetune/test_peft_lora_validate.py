@@ -174,11 +174,12 @@ def test_hf_hub_needs_a_name(backend, good, ctx):
     reject(backend, cfg, ctx, "backend_config.dataset_config.hf_dataset_name", "required")
 
 
-def test_hf_hub_bad_name(backend, ctx):
+@pytest.mark.parametrize("name", ["a/b/c", "json/..", "owner/.."])
+def test_hf_hub_bad_name(backend, ctx, name):
     cfg = {
         "dataset_config": {
             "dataset_source": "hf_hub",
-            "hf_dataset_name": "a/b/c",
+            "hf_dataset_name": name,
             "tokenization_field": "prompt",
         }
     }

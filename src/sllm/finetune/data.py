@@ -195,7 +195,9 @@ def check_hf_dataset_name(
             )
         _check_dataset_dir(name, real, resolved_roots, param, storage)
         return str(real)
-    if name.startswith(("hf://", "buckets/")) or _HUB_ID.match(name):
+    if name.startswith(("hf://", "buckets/")) or (
+        _HUB_ID.match(name) and not {".", ".."} & set(name.split("/"))
+    ):
         return name
     raise InvalidRequestError(
         f"`{param}`: {name!r} is neither a Hub dataset id ('owner/name') nor an existing "
