@@ -641,8 +641,11 @@ def test_lora_fit_check_allocates_nothing(backend, good, data_dir, tmp_path):
         ({"features": {"prompt": "string"}}, "features", "refused"),
         ({"save_infos": True}, "save_infos", "refused"),
         ({"download_mode": "always"}, "download_mode", "force_redownload"),
-        ({"encoding": 8}, "encoding", "string"),
+        ({"encoding": 8}, "encoding", "must be str"),
         ({"encoding": "no-such-codec"}, "encoding", "unknown"),
+        ({"chunksize": "big"}, "chunksize", "must be int"),
+        ({"chunksize": 0}, "chunksize", "at least 1"),
+        ({"use_threads": "yes"}, "use_threads", "must be bool"),
     ],
 )
 def test_dataset_keywords_the_loader_does_not_accept(backend, good, ctx2, extras, param, fragment):
@@ -966,3 +969,11 @@ def test_unreachable_hub_is_a_400_at_once(backend, ctx, fake_hub, monkeypatch):
         backend, _hub_cfg("sllm-test/known"), ctx, f"{DS_}.hf_dataset_name", "could not be reached"
     )
     assert time.monotonic() - started < 15
+
+
+def test_builder_keyword_values_follow_the_builders_types(backend, ctx, data_dir):
+    path = data_dir / "t.txt"
+    path.write_text("one line\n")
+    cfg = local_cfg(path, "text", field="text", sample_by="sentence")
+    reject(backend, cfg, ctx, f"{DS_}.sample_by", "line, paragraph, document")
+    assert backend.validate(local_cfg(path, "text", field="text", sample_by="paragraph"), ctx)

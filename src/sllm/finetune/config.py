@@ -239,6 +239,7 @@ def _check_loader_keywords(
         return
     loader, builders = _loader_keywords()
     allowed = loader | (builders.get(builder, frozenset()) if builder else _all_builder_keys())
+    kinds = _builder_value_kinds(builder) if builder else {}
     for key, value in extras.items():
         param = f"{P}.dataset_config.{key}"
         if key not in allowed:
@@ -248,6 +249,18 @@ def _check_loader_keywords(
                 "remove it (see the datasets documentation for the loader's options).",
                 param=param,
             )
+        kind = kinds.get(key)
+        if isinstance(kind, list) and value not in kind:
+            raise InvalidRequestError(
+                f"`{param}` must be one of {', '.join(map(str, kind))}, got {value!r}.",
+                param=param,
+            )
+        if isinstance(kind, tuple):
+            if not _type_ok(value, kind):
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in kind)
+                raise InvalidRequestError(f"`{param}` must be {names}.", param=param)
+            if key in _POSITIVE_BUILDER_KEYS and _is_num(value) and value < 1:
+                raise InvalidRequestError(f"`{param}` must be at least 1.", param=param)
         reason = REFUSED_LOADER_KEYS.get(key)
         if reason and value is not None:
             raise InvalidRequestError(f"`{param}` is refused: {reason}.", param=param)
@@ -297,6 +310,40 @@ def _loader_keywords() -> tuple[frozenset[str], dict[str, frozenset[str]]]:
                 fields |= {f.name for f in dataclasses.fields(obj)} - inherited
         builders[builder] = frozenset(fields)
     return loader, builders
+
+
+_POSITIVE_BUILDER_KEYS = frozenset({"chunksize", "block_size", "batch_size"})
+
+
+@functools.cache
+def _builder_value_kinds(builder: str) -> dict[str, tuple[type, ...] | list[Any]]:
+    """Keyword -> the scalar types (tuple) or the literal choices (list) the builder's config
+    declares; keywords of other types (objects, lists, pyarrow values) are not listed."""
+    import importlib
+
+    import datasets
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if builder not in _PACKAGED_DATASETS_MODULES:
+        return {}
+    module = importlib.import_module(_PACKAGED_DATASETS_MODULES[builder][0])
+    out: dict[str, tuple[type, ...] | list[Any]] = {}
+    for obj in vars(module).values():
+        if not (isinstance(obj, type) and issubclass(obj, datasets.BuilderConfig)):
+            continue
+        try:
+            hints = typing.get_type_hints(obj)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation: no type check for it
+            continue
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is typing.Literal:
+                out[name] = list(typing.get_args(hint))
+                continue
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            members = typing.get_args(hint) if union else (hint,)
+            if all(m in (int, float, bool, str, type(None)) for m in members):
+                out[name] = tuple(members)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
