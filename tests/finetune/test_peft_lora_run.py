@@ -351,3 +351,20 @@ def test_divergence_fails_the_job_as_diverged_and_saves_nothing(backend, nan_sto
     assert "diverged at step 1" in message and "learning_rate" in message
     assert max(p["step"] for p in reporter.progress_calls) == 1  # stopped there, not at step 6
     assert not (nan_storage / "transformers" / "adapters" / "diverged").exists()
+
+
+def test_a_data_file_swapped_for_a_link_after_submit_is_not_read(
+    backend, ft_storage, reporter, data_dir, tmp_path
+):
+    """Submit checks the roots; the worker, which does not know them, refuses a path that no
+    longer resolves to itself (its header would otherwise be listed as column names)."""
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("SECRET_HEADER\nSECRET_VALUE\n")
+    data = write_jsonl(data_dir / "train.jsonl", [{"prompt": "fine"}])
+    ctx = ValidationContext(ft_storage, data_roots=[data_dir], model="tiny")
+    normalised = backend.validate(local_config(data), ctx)
+    data.unlink()
+    data.symlink_to(outside)
+    with pytest.raises(InvalidRequestError, match="replaced by a link") as info:
+        backend.run(JobSpec("job-swap", "tiny", ft_storage, normalised, num_cpus=1), reporter)
+    assert "SECRET" not in info.value.message and str(outside) not in info.value.message

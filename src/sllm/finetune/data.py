@@ -375,6 +375,7 @@ def load_training_dataset(ds: DatasetConfig):
             f"`{DS}.hf_dataset_name`: {name!r} is a file format; use dataset_source 'local'.",
             param=f"{DS}.hf_dataset_name",
         )
+    _check_unmoved(ds)
     try:
         if ds.dataset_source == "local":
             dataset = load_dataset(
@@ -406,6 +407,26 @@ def load_training_dataset(ds: DatasetConfig):
             param=f"{DS}.split",
         )
     return dataset
+
+
+def _check_unmoved(ds: DatasetConfig) -> None:
+    """The paths validated at submit (stored resolved) still resolve to themselves: a file or
+    directory swapped for a symlink since then could lead outside the data roots, which the
+    worker does not know."""
+    if ds.dataset_source == "local":
+        files = [ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files)
+        param = f"{DS}.data_files"
+    elif ds.hf_dataset_name and os.path.isabs(ds.hf_dataset_name):
+        files, param = [ds.hf_dataset_name], f"{DS}.hf_dataset_name"
+    else:
+        return
+    for f in files:
+        if f and os.path.isabs(f) and os.path.realpath(f) != f:
+            raise InvalidRequestError(
+                f"`{param}`: {f} was replaced by a link since the job was submitted; it is not "
+                "read. Submit the job again.",
+                param=param,
+            )
 
 
 def _load_error(ds: DatasetConfig, exc: BaseException) -> InvalidRequestError:
