@@ -977,3 +977,11 @@ def test_builder_keyword_values_follow_the_builders_types(backend, ctx, data_dir
     cfg = local_cfg(path, "text", field="text", sample_by="sentence")
     reject(backend, cfg, ctx, f"{DS_}.sample_by", "line, paragraph, document")
     assert backend.validate(local_cfg(path, "text", field="text", sample_by="paragraph"), ctx)
+
+
+def test_scheduler_kwargs_must_belong_to_the_scheduler(backend, good, ctx):
+    tc = {"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"power": 2.0}}
+    reject(backend, with_(good, "training_config", tc), ctx,
+           f"{TC}.lr_scheduler_kwargs.power", "'cosine'", "num_cycles")  # fmt: skip
+    tc["lr_scheduler_kwargs"] = {"num_cycles": 0.5}
+    assert backend.validate(with_(good, "training_config", tc), ctx)

@@ -664,7 +664,6 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "adam_epsilon": (0.0, math.inf, False, False),
     "max_grad_norm": (0.0, math.inf, True, False),
     "label_smoothing_factor": (0.0, 1.0, True, False),
-    "warmup_ratio": (0.0, 1.0, True, True),
     "warmup_steps": (0.0, MAX_TRAIN_STEPS, True, True),
 }
 
@@ -750,7 +749,38 @@ def check_training_config(
     check_training_values(training_config, num_cpus=num_cpus)
     overrides = {} if cuda_available else {"use_cpu": True}
     scratch = os.path.join(tempfile.gettempdir(), "sllm-validate-training-args")
-    build_training_arguments(training_config, scratch, **overrides)
+    args = build_training_arguments(training_config, scratch, **overrides)
+    _check_scheduler_kwargs(args)
+
+
+# Arguments the Trainer passes to every scheduler itself.
+_SCHEDULER_OWN_ARGS = frozenset({"optimizer", "num_warmup_steps", "num_training_steps"})
+
+
+def _check_scheduler_kwargs(args) -> None:
+    """`lr_scheduler_kwargs` are keywords of the chosen scheduler's function (the Trainer
+    passes them on when it creates the scheduler, at the first step)."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    kwargs = args.lr_scheduler_kwargs or {}
+    function = TYPE_TO_SCHEDULER_FUNCTION.get(args.lr_scheduler_type)
+    if not kwargs or function is None:
+        return
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = set(params) - _SCHEDULER_OWN_ARGS
+    for key in kwargs:
+        if key not in accepted:
+            param = f"{P}.training_config.lr_scheduler_kwargs.{key}"
+            name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+            raise InvalidRequestError(
+                f"`{param}` is not an option of the {name!r} scheduler; it takes "
+                f"{', '.join(sorted(accepted)) or 'none'}.",
+                param=param,
+            )
 
 
 _RENAMED_TRAINING_KEYS = {
