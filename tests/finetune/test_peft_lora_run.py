@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from ft_helpers import PIRATE_DATA, RecordingReporter, write_jsonl
+from ft_helpers import (
+    PIRATE_DATA,
+    RecordingReporter,
+    hub_cache_entry,
+    store_nan_model,
+    write_jsonl,
+)
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import JobSpec, TrainResult, ValidationContext, get_backend
@@ -168,26 +173,10 @@ def test_opt_model_and_explicit_output_dir(backend, ft_storage, reporter, data_d
     assert (before - after).abs().max().item() > 1e-3
 
 
-def _hub_cache_entry(cache: Path, repo_id: str, rows: list[dict]) -> None:
-    """Put `repo_id` into the datasets cache the way an earlier online load would have."""
-    import datasets
-
-    src_dir = cache.parent / f"src-{repo_id.replace('/', '_')}"
-    src_dir.mkdir(parents=True, exist_ok=True)
-    src = write_jsonl(src_dir / "train.jsonl", rows)
-    work = cache.parent / "build-cache"
-    datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(work))
-    built = next(work.glob("json/*/0.0.0/*/dataset_info.json")).parent
-    owner, name = repo_id.split("/")
-    target = cache / f"{owner}___{name}" / "default" / "0.0.0" / "0123abcd"
-    shutil.copytree(built, target)
-    (target / "json-train.arrow").rename(target / f"{name}-train.arrow")
-
-
 def test_hf_hub_dataset_from_the_offline_cache(backend, ft_storage, reporter, offline_hub):
     """`hf_hub` with a Hub id, no network: datasets falls back to its cache of that repo."""
     rows = [{"text": f"Question: {i}? Answer: Arr, matey {i}."} for i in range(12)]
-    _hub_cache_entry(offline_hub, "sllm-test/pirates", rows)
+    hub_cache_entry(offline_hub, "sllm-test/pirates", rows)
     cfg = {
         "output_dir": "adapters/from-hub",
         "dataset_config": {
@@ -256,9 +245,37 @@ def test_empty_file_at_run_time_is_a_clear_error(backend, ft_storage, reporter, 
 
 
 def test_non_text_field_is_a_clear_error(backend, ft_storage, reporter, data_dir):
-    data = write_jsonl(data_dir / "train.jsonl", [{"prompt": 3}, {"prompt": 4}])
-    with pytest.raises(InvalidRequestError, match="must hold text"):
-        run_job(backend, ft_storage, local_config(data), reporter, roots=[data_dir])
+    """Refused at submit; and when the file changes after submission, the run says it too,
+    without echoing the value."""
+    data = write_jsonl(data_dir / "train.jsonl", [{"prompt": "fine"}, {"prompt": "also"}])
+    with pytest.raises(InvalidRequestError, match="holds a number, not text"):
+        run_job(
+            backend, ft_storage, local_config(write_jsonl(data, [{"prompt": 3}])), reporter,
+            roots=[data_dir],
+        )  # fmt: skip
+    write_jsonl(data, [{"prompt": "fine"}, {"prompt": "also"}])
+    ctx = ValidationContext(ft_storage, data_roots=[data_dir], model="tiny")
+    normalised = backend.validate(local_config(data), ctx)
+    write_jsonl(data, [{"prompt": 31337}, {"prompt": 4}])
+    with pytest.raises(InvalidRequestError, match="must hold text") as info:
+        backend.run(JobSpec("job-int", "tiny", ft_storage, normalised, num_cpus=1), reporter)
+    assert "31337" not in info.value.message
+
+
+def test_a_loader_error_at_run_time_quotes_nothing_from_the_file(
+    backend, ft_storage, reporter, data_dir
+):
+    """A file broken after submission fails the run with a message naming no content (parsers
+    quote rows and column names of whatever they read)."""
+    data = write_jsonl(data_dir / "train.jsonl", [{"prompt": "fine"}])
+    ctx = ValidationContext(ft_storage, data_roots=[data_dir], model="tiny")
+    normalised = backend.validate(local_config(data), ctx)
+    data.write_text('{"prompt": "ok"}\n{"SECRET_COLUMN": "SECRET_VALUE\n')
+    with pytest.raises(InvalidRequestError) as info:
+        backend.run(JobSpec("job-broken", "tiny", ft_storage, normalised, num_cpus=1), reporter)
+    err = info.value
+    assert err.param == "backend_config.dataset_config" and "could not be loaded" in err.message
+    assert "SECRET" not in err.message and "prompt" not in err.message
 
 
 def test_user_logging_steps_are_respected(backend, ft_storage, reporter, data_dir):
@@ -290,3 +307,64 @@ def test_trains_on_gpu_when_assigned(backend, ft_storage, reporter, data_dir):
     assert meta["device"] == "cuda" and "use_cpu" not in meta["training_overrides"]
     before, after = base_and_adapter_logits(ft_storage, "tiny", result.adapter_path)
     assert (before - after).abs().max().item() > 1e-3
+
+
+class _WorkerReporter(RecordingReporter):
+    """The worker's reporting surface (progress throttling aside), recording the outcome."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outcome: tuple[str, ...] | None = None
+
+    def flush(self) -> None:
+        pass
+
+    def result(self, adapter_path: str) -> None:
+        self.outcome = ("result", adapter_path)
+
+    def error(self, message: str, kind: str) -> None:
+        self.outcome = ("error", message, kind)
+
+
+@pytest.fixture(scope="module")
+def nan_storage(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nan-store")
+    store_nan_model(root, "tiny-nan", tmp_path_factory.mktemp("nan-src"))
+    return root
+
+
+def test_divergence_fails_the_job_as_diverged_and_saves_nothing(backend, nan_storage, data_dir):
+    """Training into NaN ends with error kind `diverged` (through the worker's own `run_spec`),
+    stopped at the first bad step, with no adapter written, instead of `completed` with a NaN
+    adapter."""
+    from sllm.jobs.worker import run_spec
+
+    data = write_jsonl(data_dir / "train.jsonl", [{"prompt": f"Arr {i}, matey"} for i in range(8)])
+    cfg = local_config(data, output_dir="adapters/diverged")
+    cfg["training_config"].update({"max_steps": 6, "per_device_train_batch_size": 2})
+    ctx = ValidationContext(nan_storage, data_roots=[data_dir], model="tiny-nan")
+    spec = JobSpec("job-nan", "tiny-nan", nan_storage, backend.validate(cfg, ctx), num_cpus=1)
+    reporter = _WorkerReporter()
+    assert run_spec(spec, "peft_lora", reporter) == 1
+    kind, message, error_kind = reporter.outcome
+    assert (kind, error_kind) == ("error", "diverged"), reporter.outcome
+    assert "diverged at step 1" in message and "learning_rate" in message
+    assert max(p["step"] for p in reporter.progress_calls) == 1  # stopped there, not at step 6
+    assert not (nan_storage / "transformers" / "adapters" / "diverged").exists()
+
+
+def test_a_data_file_swapped_for_a_link_after_submit_is_not_read(
+    backend, ft_storage, reporter, data_dir, tmp_path
+):
+    """Submit checks the roots; the worker, which does not know them, refuses a path that no
+    longer resolves to itself (its header would otherwise be listed as column names)."""
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("SECRET_HEADER\nSECRET_VALUE\n")
+    data = write_jsonl(data_dir / "train.jsonl", [{"prompt": "fine"}])
+    ctx = ValidationContext(ft_storage, data_roots=[data_dir], model="tiny")
+    normalised = backend.validate(local_config(data), ctx)
+    data.unlink()
+    data.symlink_to(outside)
+    with pytest.raises(InvalidRequestError, match="replaced by a link") as info:
+        backend.run(JobSpec("job-swap", "tiny", ft_storage, normalised, num_cpus=1), reporter)
+    assert "SECRET" not in info.value.message and str(outside) not in info.value.message

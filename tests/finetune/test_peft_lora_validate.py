@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from ft_helpers import PIRATE_DATA, pirate_dataset, write_jsonl
+from ft_helpers import PIRATE_DATA, hub_cache_entry, pirate_dataset, write_jsonl
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.base import ValidationContext, get_backend
@@ -85,12 +85,16 @@ def test_good_config_gets_defaults(backend, good, ctx, train_file):
     assert ds["tokenization_field"] == "prompt"
 
 
-def test_seed_example_config_is_accepted(backend, ctx):
-    """The seed's example file, as shipped in examples/, validates without the network."""
+def test_seed_example_config_is_accepted(backend, ctx, offline_hub):
+    """The seed's example file, as shipped in examples/, validates without the network once its
+    Hub dataset is in the datasets cache (and is a 400 naming the dataset before that)."""
     import json
 
     example = Path(__file__).parents[2] / "examples" / "fine_tuning" / "fine_tuning_config.json"
     cfg = json.loads(example.read_text())["backend_config"]
+    name = "backend_config.dataset_config.hf_dataset_name"
+    reject(backend, cfg, ctx, name, "fka/awesome-chatgpt-prompts", "offline", "local")
+    hub_cache_entry(offline_hub, "fka/awesome-chatgpt-prompts", [{"prompt": "Act as a pirate"}])
     out = backend.validate(cfg, ctx)
     assert out["output_dir"] == cfg["output_dir"]
     assert out["dataset_config"]["hf_dataset_name"] == "fka/awesome-chatgpt-prompts"
@@ -170,11 +174,12 @@ def test_hf_hub_needs_a_name(backend, good, ctx):
     reject(backend, cfg, ctx, "backend_config.dataset_config.hf_dataset_name", "required")
 
 
-def test_hf_hub_bad_name(backend, ctx):
+@pytest.mark.parametrize("name", ["a/b/c", "json/..", "owner/.."])
+def test_hf_hub_bad_name(backend, ctx, name):
     cfg = {
         "dataset_config": {
             "dataset_source": "hf_hub",
-            "hf_dataset_name": "a/b/c",
+            "hf_dataset_name": name,
             "tokenization_field": "prompt",
         }
     }
@@ -388,7 +393,7 @@ def test_bad_training_value(backend, good, ctx):
     cfg = with_(good, "training_config", {"num_train_epochs": "two"})
     reject(backend, cfg, ctx, "backend_config.training_config.num_train_epochs", "float")
     cfg = with_(good, "training_config", {"logging_steps": 0})
-    reject(backend, cfg, ctx, "backend_config.training_config", "logging_steps")
+    reject(backend, cfg, ctx, "backend_config.training_config.logging_steps", "logging_steps")
 
 
 @pytest.mark.parametrize(
@@ -474,3 +479,509 @@ def test_warm_up_runs_in_a_cold_process_and_loads_what_validate_needs():
         "assert not missing, missing"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- numbers a run would reject (issue 9, section 2) ---------------------------------------------
+
+TC = "backend_config.training_config"
+
+BAD_TRAINING_VALUES = [
+    ("per_device_train_batch_size", 0),
+    ("per_device_train_batch_size", -4),
+    ("per_device_train_batch_size", 2**40),
+    ("gradient_accumulation_steps", 0),
+    ("eval_accumulation_steps", 0),
+    ("save_total_limit", 0),
+    ("logging_steps", 0),
+    ("logging_steps", -1),
+    ("logging_steps", 2.5),
+    ("save_steps", 0),
+    ("learning_rate", 0),
+    ("learning_rate", -1e-4),
+    ("learning_rate", float("nan")),
+    ("learning_rate", float("inf")),
+    ("num_train_epochs", 0),
+    ("num_train_epochs", -1),
+    ("num_train_epochs", 1e300),
+    ("num_train_epochs", float("inf")),
+    ("max_steps", 0),
+    ("max_steps", -2),
+    ("max_steps", 10**12),
+    ("seed", -1),
+    ("seed", 2**32),
+    ("data_seed", 2**40),
+    ("dataloader_num_workers", -1),
+    ("dataloader_num_workers", 3),  # the job has 2 CPUs
+    ("adam_beta1", 1.0),
+    ("adam_epsilon", 0),
+    ("weight_decay", -0.1),
+    ("max_grad_norm", -1),
+    ("warmup_steps", -5),
+]
+
+
+@pytest.fixture
+def ctx2(ctx) -> ValidationContext:
+    """`ctx` for a job with 2 CPUs."""
+    return ValidationContext(ctx.storage_path, ctx.data_roots, model=ctx.model, num_cpus=2)
+
+
+@pytest.mark.parametrize(
+    "key,value", BAD_TRAINING_VALUES, ids=[f"{k}={v}" for k, v in BAD_TRAINING_VALUES]
+)
+def test_training_values_a_run_cannot_use(backend, good, ctx2, key, value):
+    cfg = with_(good, "training_config", {key: value})
+    err = reject(backend, cfg, ctx2, f"{TC}.{key}", key)
+    assert "must be" in err.message
+
+
+@pytest.mark.parametrize(
+    "training_config",
+    [
+        {"logging_steps": 0.1, "save_steps": 0.5},
+        {"max_steps": -1, "num_train_epochs": 0.5},
+        {"max_steps": 10_000_000, "num_train_epochs": 10_000},
+        {"dataloader_num_workers": 2, "seed": 2**32 - 1, "data_seed": 0},
+        {"learning_rate": 5.0, "weight_decay": 0, "adam_beta1": 0, "max_grad_norm": 0},
+        {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 64},
+    ],
+)
+def test_training_values_at_the_bounds_are_accepted(backend, good, ctx2, training_config):
+    assert backend.validate(with_(good, "training_config", training_config), ctx2)
+
+
+def test_dataloader_workers_unbounded_without_a_job_cpu_count(backend, good, ctx):
+    assert ctx.num_cpus is None  # a caller that does not know the job's CPUs
+    backend.validate(with_(good, "training_config", {"dataloader_num_workers": 3}), ctx)
+
+
+@pytest.mark.parametrize(
+    "path,value",
+    [
+        ("lora_config.lora_alpha", float("nan")),
+        ("lora_config.rank_pattern", {"q_proj": float("inf")}),
+        ("lora_config.layers_to_transform", [0, float("nan")]),
+        ("checkpoint_minutes", float("inf")),
+        ("training_config.weight_decay", float("-inf")),
+        ("training_config.optim_args_list", [{"x": float("nan")}]),
+        ("dataset_config.block_size", float("nan")),
+    ],
+)
+def test_no_non_finite_float_anywhere(backend, good, ctx, path, value):
+    """NaN/Infinity anywhere in backend_config: a 400 naming the place (JSON cannot store it)."""
+    err = reject(backend, with_(good, path, value), ctx, f"backend_config.{path}" + _index(value))
+    assert "finite" in err.message
+
+
+def _index(value) -> str:
+    if isinstance(value, dict):
+        return "." + next(iter(value))
+    if isinstance(value, list):
+        return ".1" if len(value) > 1 else ".0.x"
+    return ""
+
+
+# --- LoRA rank against the model, without allocating --------------------------------------------
+
+
+def test_lora_rank_is_bounded_by_the_models_hidden_size(backend, good, ctx):
+    """`tiny` has hidden size 64: r=64 fits; r=65 and a huge r are a 400 at once."""
+    assert backend.validate(with_(good, "lora_config", {"r": 64}), ctx)["lora_config"]["r"] == 64
+    reject(backend, with_(good, "lora_config", {"r": 65}), ctx, "backend_config.lora_config.r",
+           "hidden size (64)")  # fmt: skip
+    cfg = with_(good, "lora_config", {"r": 4, "rank_pattern": {"q_proj": 512}})
+    reject(backend, cfg, ctx, "backend_config.lora_config.rank_pattern.q_proj", "hidden size")
+    for r in (1_000_001, 10**9, 10**30):
+        reject(backend, with_(good, "lora_config", {"r": r}), ctx, "backend_config.lora_config.r")
+
+
+def test_lora_fit_check_allocates_nothing(backend, good, data_dir, tmp_path):
+    """A wide model (hidden 8192) with r=4096 on four layers: 2 GiB of LoRA weights if they
+    were built on the CPU; validation injects them on the meta device and stays small."""
+    import json
+    import resource
+
+    storage = tmp_path / "wide-store"
+    model = storage / "transformers" / "wide"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_size": 8192,
+                "intermediate_size": 16384,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "vocab_size": 32000,
+                "max_position_embeddings": 4096,
+            }  # fmt: skip
+        )
+    )
+    ctx = ValidationContext(storage, data_roots=[data_dir], model="wide")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out = backend.validate(with_(good, "lora_config", {"r": 4096}), ctx)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert out["lora_config"]["r"] == 4096
+    assert grown_mib < 500, f"validation grew the process by {grown_mib:.0f} MiB"
+    reject(backend, with_(good, "lora_config", {"r": 8193}), ctx, "backend_config.lora_config.r")
+
+
+# --- dataset keywords ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extras,param,fragment",
+    [
+        ({"colour": "blue"}, "colour", "not a keyword"),
+        ({"sep": ";"}, "sep", "'json' builder"),  # a csv keyword on a json file
+        ({"num_proc": 3}, "num_proc", "num_cpus (2)"),
+        ({"num_proc": 0}, "num_proc", "num_cpus"),
+        ({"features": {"prompt": "string"}}, "features", "refused"),
+        ({"save_infos": True}, "save_infos", "refused"),
+        ({"download_mode": "always"}, "download_mode", "force_redownload"),
+        ({"encoding": 8}, "encoding", "must be str"),
+        ({"encoding": "no-such-codec"}, "encoding", "unknown"),
+        ({"chunksize": "big"}, "chunksize", "must be int"),
+        ({"chunksize": 0}, "chunksize", "at least 1"),
+        ({"use_threads": "yes"}, "use_threads", "must be bool"),
+    ],
+)
+def test_dataset_keywords_the_loader_does_not_accept(backend, good, ctx2, extras, param, fragment):
+    cfg = with_(good, "dataset_config", {**good["dataset_config"], **extras})
+    reject(backend, cfg, ctx2, f"backend_config.dataset_config.{param}", fragment)
+
+
+def test_dataset_keywords_the_loader_accepts(backend, good, ctx2, data_dir):
+    extras = {"num_proc": 2, "keep_in_memory": True, "encoding": "utf-8", "block_size": 1 << 20}
+    out = backend.validate(
+        with_(good, "dataset_config", {**good["dataset_config"], **extras}), ctx2
+    )
+    assert out["dataset_config"]["num_proc"] == 2
+    (data_dir / "t.csv").write_text("prompt;label\nhello there;1\n")
+    csv_cfg = {"dataset_source": "local", "data_files": str(data_dir / "t.csv"),
+               "extension_type": "csv", "tokenization_field": "prompt", "sep": ";"}  # fmt: skip
+    assert backend.validate({"dataset_config": csv_cfg}, ctx2)["dataset_config"]["sep"] == ";"
+
+
+# --- the data itself, at submit -----------------------------------------------------------------
+
+DS_ = "backend_config.dataset_config"
+
+
+def local_cfg(path: Path, extension: str = "json", field: str = "prompt", **extras) -> dict:
+    return {
+        "dataset_config": {
+            "dataset_source": "local",
+            "data_files": str(path),
+            "extension_type": extension,
+            "tokenization_field": field,
+            **extras,
+        }
+    }
+
+
+def test_bad_jsonl_line_is_named_by_number_without_its_content(backend, ctx, data_dir):
+    path = data_dir / "bad.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "SECRET unterminated\n')
+    err = reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "line 4", "not valid JSON")
+    assert "SECRET" not in err.message
+    path.write_text('{"prompt": "a"}\n["SECRET", "list"]\n')
+    err = reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "line 2", "not a JSON object")
+    assert "SECRET" not in err.message
+
+
+def test_data_without_rows_is_refused(backend, ctx, data_dir):
+    path = data_dir / "blank.jsonl"
+    path.write_text("\n   \n\n")
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "no rows")
+    path.write_text("[]")
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "no rows")
+
+
+def test_missing_column_lists_the_columns(backend, ctx, data_dir):
+    path = write_jsonl(data_dir / "qa.jsonl", [{"question": "SECRET q", "answer": "SECRET a"}])
+    err = reject(backend, local_cfg(path), ctx, f"{DS_}.tokenization_field", "'answer', 'question'")
+    assert "SECRET" not in err.message
+
+
+@pytest.mark.parametrize("value", [7, 2.5, True, ["SECRET"], {"SECRET": 1}])
+def test_non_text_column_is_refused_without_its_value(backend, ctx, data_dir, value):
+    path = write_jsonl(data_dir / "mixed.jsonl", [{"prompt": "fine"}, {"prompt": value}])
+    err = reject(backend, local_cfg(path), ctx, f"{DS_}.tokenization_field", "line 2", "not text")
+    assert "SECRET" not in err.message and "2.5" not in err.message
+
+
+def test_json_documents_are_checked_too(backend, ctx, data_dir):
+    import json
+
+    path = data_dir / "doc.json"
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=2))
+    assert backend.validate(local_cfg(path), ctx)
+    path.write_text(json.dumps({"prompt": ["a", "b"], "n": [1, 2]}, indent=2))
+    assert backend.validate(local_cfg(path), ctx)
+    path.write_text(json.dumps({"rows": [{"prompt": "a"}]}, indent=2))
+    assert backend.validate(with_(local_cfg(path), "dataset_config.field", "rows"), ctx)
+    path.write_text(json.dumps([{"prompt": 1}], indent=2))
+    reject(backend, local_cfg(path), ctx, f"{DS_}.tokenization_field", "item 0", "not text")
+    path.write_text('[{"prompt": "a"},\n {"prompt": ')
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "not valid JSON")
+
+
+def test_bad_encoding_is_named_by_line(backend, ctx, data_dir):
+    path = data_dir / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "line 2", "utf-8")
+
+
+def test_csv_checks(backend, ctx, data_dir):
+    path = data_dir / "t.csv"
+    path.write_text("prompt,label\nhello there,1\n")
+    assert backend.validate(local_cfg(path, "csv"), ctx)
+    path.write_text("question,answer\nSECRET,x\n")
+    err = reject(backend, local_cfg(path, "csv"), ctx, f"{DS_}.tokenization_field", "'answer'")
+    assert "SECRET" not in err.message
+    path.write_text("prompt,label\nhello,1\nSECRET,2,extra\n")
+    err = reject(backend, local_cfg(path, "csv"), ctx, f"{DS_}.data_files", "line 3", "3 fields")
+    assert "SECRET" not in err.message
+    path.write_text("prompt,label\n1,a\n2.5,b\n")
+    reject(backend, local_cfg(path, "csv"), ctx, f"{DS_}.tokenization_field", "only numbers")
+    path.write_text("prompt,label\n")
+    reject(backend, local_cfg(path, "csv"), ctx, f"{DS_}.data_files", "no rows")
+
+
+def test_parquet_checks_read_only_the_footer(backend, ctx, data_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = data_dir / "t.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "n": [1, 2]}), path)
+    assert backend.validate(local_cfg(path, "parquet"), ctx)
+    reject(backend, local_cfg(path, "parquet", field="n"), ctx, f"{DS_}.tokenization_field",
+           "int64", "not text")  # fmt: skip
+    reject(backend, local_cfg(path, "parquet", field="x"), ctx, f"{DS_}.tokenization_field",
+           "'n', 'prompt'")  # fmt: skip
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    reject(backend, local_cfg(path, "parquet"), ctx, f"{DS_}.data_files", "no rows")
+    path.write_bytes(b"SECRET, not parquet at all")
+    err = reject(backend, local_cfg(path, "parquet"), ctx, f"{DS_}.data_files", "not a readable")
+    assert "SECRET" not in err.message
+
+
+def test_text_checks(backend, ctx, data_dir):
+    path = data_dir / "t.txt"
+    path.write_text("one line\nanother\n")
+    assert backend.validate(local_cfg(path, "text", field="text"), ctx)
+    reject(backend, local_cfg(path, "text"), ctx, f"{DS_}.tokenization_field", "'text'")
+    path.write_text("\n\n  \n")
+    reject(backend, local_cfg(path, "text", field="text"), ctx, f"{DS_}.data_files", "no rows")
+
+
+def test_big_files_are_scanned_only_up_to_the_budget(backend, ctx, data_dir, monkeypatch):
+    """A bad line past the scan budget is left to the run; the submission stays cheap."""
+    from sllm.finetune import datascan as data
+
+    path = data_dir / "big.jsonl"
+    path.write_text('{"prompt": "a"}\n' * 100 + "not json\n")
+    monkeypatch.setattr(data, "SCAN_BUDGET_BYTES", 16 * 50)
+    assert backend.validate(local_cfg(path), ctx)
+    monkeypatch.setattr(data, "SCAN_BUDGET_BYTES", 1 << 20)
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "line 101")
+
+
+# --- hf_hub: cached or reachable, and never a way around the data roots -------------------------
+
+
+def test_uncached_hub_dataset_offline_is_a_400_at_once(backend, ctx, offline_hub):
+    import time
+
+    cfg = {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": "nobody/nothing",
+                              "tokenization_field": "text"}}  # fmt: skip
+    started = time.monotonic()
+    reject(backend, cfg, ctx, f"{DS_}.hf_dataset_name", "'nobody/nothing'", "offline", "cache")
+    assert time.monotonic() - started < 5
+    hub_cache_entry(offline_hub, "nobody/nothing", [{"text": "now it is cached"}])
+    assert backend.validate(cfg, ctx)["dataset_config"]["hf_dataset_name"] == "nobody/nothing"
+
+
+@pytest.mark.parametrize(
+    "builder", ["json", "csv", "text", "parquet", "arrow", "pandas", "imagefolder", "JSON"]
+)
+def test_packaged_builder_names_under_hf_hub_are_refused(backend, ctx, builder):
+    """`hf_hub` + a builder name + `data_files` read any file the server could read."""
+    cfg = {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": builder,
+                              "data_files": "/etc/passwd", "tokenization_field": "x"}}  # fmt: skip
+    err = reject(backend, cfg, ctx, f"{DS_}.hf_dataset_name", "file format", "'local'")
+    assert "root:" not in err.message
+
+
+def test_dataset_dir_may_not_link_out_of_the_roots(backend, ctx, data_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    write_jsonl(outside / "secret.jsonl", [{"prompt": "SECRET"}])
+    repo = data_dir / "repo"
+    repo.mkdir()
+    write_jsonl(repo / "train.jsonl", [{"prompt": "fine"}])
+    cfg = {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": str(repo),
+                              "tokenization_field": "prompt"}}  # fmt: skip
+    assert backend.validate(cfg, ctx)
+    (repo / "more.jsonl").symlink_to(outside / "secret.jsonl")
+    err = reject(
+        backend, cfg, ctx, f"{DS_}.hf_dataset_name", "more.jsonl", "outside the data roots"
+    )
+    assert str(outside) not in err.message
+
+
+def test_resolved_target_outside_the_roots_is_not_revealed(backend, ctx, data_dir, tmp_path):
+    hidden_place = tmp_path / "private-place"
+    hidden_place.mkdir()
+    write_jsonl(hidden_place / "x.jsonl", [{"prompt": "x"}])
+    (data_dir / "link.jsonl").symlink_to(hidden_place / "x.jsonl")
+    err = reject(backend, local_cfg(data_dir / "link.jsonl"), ctx, f"{DS_}.data_files", "outside")
+    assert "private-place" not in err.message
+
+
+# --- the store's own files are never training data ----------------------------------------------
+
+
+@pytest.fixture
+def store_ctx(tmp_path, ft_storage) -> tuple[Path, ValidationContext]:
+    """A storage path that is also the only data root (the server's default), holding a job
+    database, job scratch and a dot-file, each a parseable JSON Lines file."""
+    store = tmp_path / "store"
+    for rel in ("sllm.db", "sllm.db-wal", "_jobs/abc/worker.log", ".hidden.jsonl",
+                ".tmp-1-x/rows.jsonl", "data/train.jsonl"):  # fmt: skip
+        path = store / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, [{"prompt": "row"}])
+    ctx = ValidationContext(store, data_roots=[store], model="tiny")
+    # the model lives in ft_storage; validation reads it from the ctx's storage path
+    (store / "transformers").symlink_to(ft_storage / "transformers")
+    return store, ctx
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["sllm.db", "sllm.db-wal", "_jobs/abc/worker.log", ".hidden.jsonl", ".tmp-1-x/rows.jsonl"],
+)
+def test_store_files_are_never_training_data(backend, store_ctx, rel):
+    store, ctx = store_ctx
+    err = reject(backend, local_cfg(store / rel), ctx, f"{DS_}.data_files", "store's own files")
+    assert "row" not in err.message.replace("rows", "")
+
+
+def test_a_pattern_over_the_store_skips_its_own_files(backend, store_ctx):
+    store, ctx = store_ctx
+    out = backend.validate(local_cfg(store / "**" / "*.jsonl"), ctx)
+    assert out["dataset_config"]["data_files"] == str((store / "data" / "train.jsonl").resolve())
+    reject(backend, local_cfg(store / "_jobs" / "*" / "*"), ctx, f"{DS_}.data_files", "matches no")
+
+
+def test_a_dataset_dir_holding_the_store_is_refused(backend, store_ctx):
+    """`datasets` would read every data file below it, job scratch included."""
+    store, ctx = store_ctx
+    for where in (store, store.parent):
+        cfg = {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": str(where),
+                                  "tokenization_field": "prompt"}}  # fmt: skip
+        ctx_wide = ValidationContext(store, data_roots=[store.parent], model="tiny")
+        reject(backend, cfg, ctx_wide, f"{DS_}.hf_dataset_name", "whole store")
+    cfg["dataset_config"]["hf_dataset_name"] = str(store / "data")
+    assert backend.validate(cfg, ctx)
+
+
+@pytest.mark.parametrize("key", ["max_seq_length", "tokens_per_batch"])
+def test_token_counts_fit_an_int32(backend, good, ctx, key):
+    cfg = with_(good, key, 2**31)
+    if key == "tokens_per_batch":
+        cfg["batching"] = "token_budget"
+    reject(backend, cfg, ctx, f"backend_config.{key}", "less than or equal")
+
+
+def test_a_data_root_inside_a_dot_directory_is_fine(backend, good, tmp_path):
+    """Hidden means hidden below the closest data root, e.g. a store kept in `~/.sllm`."""
+    root = tmp_path / ".sllm" / "data"
+    root.mkdir(parents=True)
+    path = write_jsonl(root / "train.jsonl", [{"prompt": "hi"}])
+    ctx = ValidationContext(tmp_path / ".sllm", data_roots=[tmp_path, root], model="tiny")
+    assert backend.validate(local_cfg(path), ctx)
+    ctx = ValidationContext(tmp_path / ".sllm", data_roots=[tmp_path], model="tiny")
+    reject(backend, local_cfg(path), ctx, f"{DS_}.data_files", "hidden")
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Online mode against a Hub on loopback that knows one dataset, `sllm-test/known`."""
+    import http.server
+    import json
+    import threading
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            known = self.path.startswith("/api/datasets/sllm-test/known")
+            body = {"id": "sllm-test/known", "sha": "0" * 40} if known else {"error": "nope"}
+            self.send_response(200 if known else 404)
+            if not known:
+                self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(json.dumps(body).encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}"
+    )
+    yield server
+    server.shutdown()
+
+
+def _hub_cfg(name: str) -> dict:
+    return {"dataset_config": {"dataset_source": "hf_hub", "hf_dataset_name": name,
+                               "tokenization_field": "text"}}  # fmt: skip
+
+
+def test_online_hub_dataset_is_checked_on_the_hub(backend, ctx, fake_hub):
+    assert backend.validate(_hub_cfg("sllm-test/known"), ctx)
+    reject(backend, _hub_cfg("sllm-test/unknown"), ctx, f"{DS_}.hf_dataset_name", "no dataset")
+
+
+def test_unreachable_hub_is_a_400_at_once(backend, ctx, fake_hub, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    reject(
+        backend, _hub_cfg("sllm-test/known"), ctx, f"{DS_}.hf_dataset_name", "could not be reached"
+    )
+    assert time.monotonic() - started < 15
+
+
+def test_builder_keyword_values_follow_the_builders_types(backend, ctx, data_dir):
+    path = data_dir / "t.txt"
+    path.write_text("one line\n")
+    cfg = local_cfg(path, "text", field="text", sample_by="sentence")
+    reject(backend, cfg, ctx, f"{DS_}.sample_by", "line, paragraph, document")
+    assert backend.validate(local_cfg(path, "text", field="text", sample_by="paragraph"), ctx)
+
+
+def test_scheduler_kwargs_must_belong_to_the_scheduler(backend, good, ctx):
+    tc = {"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"power": 2.0}}
+    reject(backend, with_(good, "training_config", tc), ctx,
+           f"{TC}.lr_scheduler_kwargs.power", "'cosine'", "num_cycles")  # fmt: skip
+    tc["lr_scheduler_kwargs"] = {"num_cycles": 0.5}
+    assert backend.validate(with_(good, "training_config", tc), ctx)

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from sllm.errors import SllmError
+from sllm.jobs.states import ErrorKind
+
 
 @dataclass
 class JobSpec:
@@ -30,6 +33,14 @@ class ValidationContext:
     storage_path: Path
     data_roots: list[Path] = field(default_factory=list)
     model: str = ""
+    num_cpus: int | None = None  # the job's CPUs; None: not known (no per-job CPU limits checked)
+
+
+class TrainingDivergedError(SllmError):
+    """The loss or the trained weights became NaN/Infinity: the run ends `failed` (error kind
+    `diverged`) and saves nothing, rather than `completed` with an adapter that outputs NaN."""
+
+    error_kind = ErrorKind.DIVERGED.value
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import tempfile
 import types
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from sllm.errors import InvalidRequestError
 
 P = "backend_config"
+DS = f"{P}.dataset_config"
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
 # Token budget of a `token_budget` batch when the config gives none: GPUs want big batches; on a
@@ -48,6 +50,17 @@ REFUSED_DATASET_KEYS: dict[str, str] = {
     "path": "use `hf_dataset_name` (hf_hub) or `extension_type` + `data_files` (local)",
     "trust_remote_code": "running dataset code is not allowed",
     "streaming": "streaming datasets are not supported; the job needs the row count",
+}
+
+
+# `load_dataset` keywords that are refused although the loader accepts them.
+REFUSED_LOADER_KEYS: dict[str, str] = {
+    "features": "a `datasets.Features` object cannot be given in JSON; the columns are inferred",
+    "save_infos": "it writes into the dataset's directory",
+}
+_LOADER_CHOICES: dict[str, tuple[str, ...]] = {
+    "download_mode": ("reuse_dataset_if_exists", "reuse_cache_if_exists", "force_redownload"),
+    "verification_mode": ("all_checks", "basic_checks", "no_checks"),
 }
 
 
@@ -108,6 +121,7 @@ class BackendConfig(BaseModel):
     max_seq_length: int | None = Field(
         None,
         gt=0,
+        le=2**31 - 1,
         description="Longer texts are truncated; default min(model max_position_embeddings, 1024).",
     )
     batching: Literal["padding_free", "padded", "token_budget"] = Field(
@@ -125,6 +139,7 @@ class BackendConfig(BaseModel):
     tokens_per_batch: int | None = Field(
         None,
         ge=16,
+        le=2**31 - 1,
         description="`token_budget` only: tokens per batch (per device, before gradient "
         f"accumulation); default {DEFAULT_TOKENS_PER_BATCH['cuda']} on a GPU, "
         f"{DEFAULT_TOKENS_PER_BATCH['cpu']} on CPU (at least the longest row). Must be at least "
@@ -185,7 +200,15 @@ def normalise_extension(extension_type: str) -> str:
     return ext
 
 
-def check_dataset_extras(extras: dict[str, Any], *, local: bool) -> None:
+def check_dataset_extras(
+    extras: dict[str, Any],
+    *,
+    local: bool,
+    extension: str | None = None,
+    num_cpus: int | None = None,
+) -> None:
+    """Refused keys, then every key must be a keyword `datasets.load_dataset` (or the builder of
+    `extension`; any packaged builder for a Hub dataset) accepts, with a value it can use."""
     for key, value in extras.items():
         param = f"{P}.dataset_config.{key}"
         reason = REFUSED_DATASET_KEYS.get(key)
@@ -205,6 +228,159 @@ def check_dataset_extras(extras: dict[str, Any], *, local: bool) -> None:
                     f"`{param}` must be a relative directory inside the dataset repository.",
                     param=param,
                 )
+    _check_loader_keywords(extras, extension if local else None, num_cpus)
+
+
+def _check_loader_keywords(
+    extras: dict[str, Any], builder: str | None, num_cpus: int | None
+) -> None:
+    """Unknown keywords would make `load_dataset` (or the builder's config) raise in the job."""
+    if not extras:
+        return
+    loader, builders = _loader_keywords()
+    allowed = loader | (builders.get(builder, frozenset()) if builder else _all_builder_keys())
+    kinds = _builder_value_kinds(builder) if builder else {}
+    for key, value in extras.items():
+        param = f"{P}.dataset_config.{key}"
+        if key not in allowed:
+            where = f"the {builder!r} builder" if builder else "any packaged builder"
+            raise InvalidRequestError(
+                f"`{param}` is not a keyword that `datasets.load_dataset` or {where} accepts; "
+                "remove it (see the datasets documentation for the loader's options).",
+                param=param,
+            )
+        kind = kinds.get(key)
+        if isinstance(kind, list) and value not in kind:
+            raise InvalidRequestError(
+                f"`{param}` must be one of {', '.join(map(str, kind))}, got {value!r}.",
+                param=param,
+            )
+        if isinstance(kind, tuple):
+            if not _type_ok(value, kind):
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in kind)
+                raise InvalidRequestError(f"`{param}` must be {names}.", param=param)
+            if key in _POSITIVE_BUILDER_KEYS and _is_num(value) and value < 1:
+                raise InvalidRequestError(f"`{param}` must be at least 1.", param=param)
+        reason = REFUSED_LOADER_KEYS.get(key)
+        if reason and value is not None:
+            raise InvalidRequestError(f"`{param}` is refused: {reason}.", param=param)
+        choices = _LOADER_CHOICES.get(key)
+        if choices and value is not None and value not in choices:
+            raise InvalidRequestError(
+                f"`{param}` must be one of {', '.join(choices)}, got {value!r}.", param=param
+            )
+        if key == "num_proc" and value is not None:
+            limit = num_cpus or 1
+            if not _is_int(value) or not 1 <= value <= limit:
+                raise InvalidRequestError(
+                    f"`{param}` must be an integer from 1 to the job's num_cpus ({limit}).",
+                    param=param,
+                )
+        if key in ("name", "revision", "encoding", "encoding_errors", "field") and not (
+            value is None or isinstance(value, str)
+        ):
+            raise InvalidRequestError(f"`{param}` must be a string.", param=param)
+
+
+@functools.lru_cache(maxsize=1)
+def _loader_keywords() -> tuple[frozenset[str], dict[str, frozenset[str]]]:
+    """(`load_dataset`'s own keywords, {packaged builder: its config's keywords})."""
+    import importlib
+    import inspect
+
+    import datasets
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    params = inspect.signature(datasets.load_dataset).parameters
+    loader = frozenset(n for n, p in params.items() if p.kind is not p.VAR_KEYWORD and n != "path")
+    inherited = {"name", "version", "data_dir", "data_files", "description"}
+    builders: dict[str, frozenset[str]] = {}
+    for builder, (module_path, _hash) in _PACKAGED_DATASETS_MODULES.items():
+        try:
+            module = importlib.import_module(module_path)
+        except Exception:  # noqa: BLE001 - a builder whose optional dependency is missing
+            continue
+        fields: set[str] = set()
+        for obj in vars(module).values():
+            if (
+                isinstance(obj, type)
+                and issubclass(obj, datasets.BuilderConfig)
+                and dataclasses.is_dataclass(obj)
+            ):
+                fields |= {f.name for f in dataclasses.fields(obj)} - inherited
+        builders[builder] = frozenset(fields)
+    return loader, builders
+
+
+_POSITIVE_BUILDER_KEYS = frozenset({"chunksize", "block_size", "batch_size"})
+
+
+@functools.cache
+def _builder_value_kinds(builder: str) -> dict[str, tuple[type, ...] | list[Any]]:
+    """Keyword -> the scalar types (tuple) or the literal choices (list) the builder's config
+    declares; keywords of other types (objects, lists, pyarrow values) are not listed."""
+    import importlib
+
+    import datasets
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if builder not in _PACKAGED_DATASETS_MODULES:
+        return {}
+    module = importlib.import_module(_PACKAGED_DATASETS_MODULES[builder][0])
+    out: dict[str, tuple[type, ...] | list[Any]] = {}
+    for obj in vars(module).values():
+        if not (isinstance(obj, type) and issubclass(obj, datasets.BuilderConfig)):
+            continue
+        try:
+            hints = typing.get_type_hints(obj)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation: no type check for it
+            continue
+        for name, hint in hints.items():
+            if typing.get_origin(hint) is typing.Literal:
+                out[name] = list(typing.get_args(hint))
+                continue
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            members = typing.get_args(hint) if union else (hint,)
+            if all(m in (int, float, bool, str, type(None)) for m in members):
+                out[name] = tuple(members)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _all_builder_keys() -> frozenset[str]:
+    return frozenset().union(*_loader_keywords()[1].values())
+
+
+def packaged_builders() -> frozenset[str]:
+    """Names `datasets.load_dataset` treats as a file format rather than a dataset id."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return frozenset(_PACKAGED_DATASETS_MODULES)
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers anywhere in backend_config
+
+
+def check_finite(value: Any, path: str = P) -> None:
+    """Every float in `value` is finite: NaN and Infinity cannot be stored (the job record is
+    JSON) and no training setting means anything with them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequestError(f"`{path}` must be a finite number, got {value!r}.", param=path)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_finite(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(item, f"{path}.{i}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_batching(cfg: BackendConfig) -> None:
@@ -281,6 +457,46 @@ def build_lora_config(lora_config: dict[str, Any]):
         raise InvalidRequestError(f"`{param}` is invalid: {exc}", param=param) from None
 
 
+# No linear layer of any model this backend trains is wider than this; the model's own hidden
+# size bounds the rank further (`check_lora_rank`).
+MAX_LORA_RANK = 65536
+_HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim", "word_embed_proj_dim")
+
+
+def model_hidden_size(model_config: dict[str, Any]) -> int | None:
+    """The model's hidden size from its config.json (the text model's, for multimodal ones)."""
+    for cfg in (model_config, model_config.get("text_config") or {}):
+        for key in _HIDDEN_SIZE_KEYS:
+            value = cfg.get(key) if isinstance(cfg, dict) else None
+            if _is_int(value) and value > 0:
+                return value
+    return None
+
+
+def check_lora_rank(lora_config: dict[str, Any], model_config: dict[str, Any], model: str) -> None:
+    """The rank fits the model's layers, read from config.json (nothing allocated).
+
+    Every decoder linear layer has the hidden size on one side, so a rank above it only adds
+    parameters (r x (in + out) per layer) without adding capacity; far above it, the adapter
+    alone exhausts memory.
+    """
+    hidden = model_hidden_size(model_config)
+    if hidden is None:
+        return
+    param = f"{P}.lora_config"
+    ranks = {"r": lora_config.get("r")}
+    for name, value in (lora_config.get("rank_pattern") or {}).items():
+        ranks[f"rank_pattern.{name}"] = value
+    for key, value in ranks.items():
+        if _is_num(value) and value > hidden:
+            raise InvalidRequestError(
+                f"`{param}.{key}`={value} exceeds {model!r}'s hidden size ({hidden}): a LoRA "
+                f"rank above a layer's smaller side adds no capacity; use at most {hidden} "
+                "(typically 4 to 64).",
+                param=f"{param}.{key}",
+            )
+
+
 def _check_lora_values(lora_config: dict[str, Any]) -> None:
     """The checks `LoraConfig` itself skips (it accepts r=0 or bias='bogus' and fails later)."""
     param = f"{P}.lora_config"
@@ -294,8 +510,16 @@ def _check_lora_values(lora_config: dict[str, Any]) -> None:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     r = lora_config.get("r")
-    if "r" in lora_config and not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
-        raise bad("r", "a positive integer")
+    if "r" in lora_config and not (_is_int(r) and 0 < r <= MAX_LORA_RANK):
+        raise bad("r", f"an integer from 1 to {MAX_LORA_RANK}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = lora_config.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(
+            _is_num(v) and 0 < v <= MAX_LORA_RANK for v in pattern.values()
+        ):
+            raise bad(key, f"an object of module names to numbers from 1 to {MAX_LORA_RANK}")
     if "lora_alpha" in lora_config and not (
         is_num(lora_config["lora_alpha"]) and lora_config["lora_alpha"] > 0
     ):
@@ -400,12 +624,8 @@ def _type_ok(value: Any, allowed: tuple[type, ...]) -> bool:
     return isinstance(value, str) and str in allowed
 
 
-def build_training_arguments(
-    training_config: dict[str, Any], output_dir: str | os.PathLike, **overrides: Any
-):
-    """`TrainingArguments(output_dir=..., **training_config, **overrides)` or a 400."""
-    from transformers import TrainingArguments
-
+def check_training_types(training_config: dict[str, Any]) -> None:
+    """Scalar `TrainingArguments` fields hold a value of their declared type."""
     param = f"{P}.training_config"
     types_by_key = _training_argument_types()
     for key, value in training_config.items():
@@ -415,6 +635,92 @@ def build_training_arguments(
             raise InvalidRequestError(
                 f"`{param}.{key}` must be {names}, got {value!r}.", param=f"{param}.{key}"
             )
+
+
+# The sane bounds of a job's length: far beyond any real LoRA run, small enough that step
+# counts, ETAs and progress fit the job record's integers.
+MAX_TRAIN_STEPS = 10_000_000
+MAX_TRAIN_EPOCHS = 10_000
+MAX_COUNT = 2**31 - 1  # batch sizes and other counts: what torch and numpy index with
+MAX_SEED = 2**32 - 1  # numpy's seed range (`set_seed` seeds numpy)
+
+# Counts: an integer >= 1 when set.
+_COUNT_KEYS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "eval_accumulation_steps",
+    "dataloader_prefetch_factor",
+    "save_total_limit",
+    "torch_empty_cache_steps",
+)
+# Steps or, below 1, a fraction of the run's steps: > 0, and a whole number when >= 1.
+_STEPS_OR_RATIO_KEYS = ("logging_steps", "save_steps", "eval_steps")
+# key -> (low, high, low inclusive, high inclusive)
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "weight_decay": (0.0, math.inf, True, False),
+    "adam_beta1": (0.0, 1.0, True, False),
+    "adam_beta2": (0.0, 1.0, True, False),
+    "adam_epsilon": (0.0, math.inf, False, False),
+    "max_grad_norm": (0.0, math.inf, True, False),
+    "label_smoothing_factor": (0.0, 1.0, True, False),
+    "warmup_steps": (0.0, MAX_TRAIN_STEPS, True, True),
+}
+
+
+def check_training_values(training_config: dict[str, Any], *, num_cpus: int | None) -> None:
+    """Values `TrainingArguments` accepts but a run cannot use (a zero batch, a NaN learning
+    rate, 10**300 epochs, more dataloader workers than the job has CPUs)."""
+    param = f"{P}.training_config"
+
+    def bad(key: str, what: str) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"`{param}.{key}` must be {what}, got {training_config[key]!r}.",
+            param=f"{param}.{key}",
+        )
+
+    for key, value in training_config.items():
+        if value is None or isinstance(value, bool) or not _is_num(value):
+            continue  # types are `check_training_types`' business
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(key, "a finite number")
+        if key in _COUNT_KEYS and not (_is_int(value) and 1 <= value <= MAX_COUNT):
+            raise bad(key, f"an integer from 1 to {MAX_COUNT}")
+        if key in _STEPS_OR_RATIO_KEYS and not (
+            0 < value < 1 or (float(value).is_integer() and 1 <= value <= MAX_TRAIN_STEPS)
+        ):
+            raise bad(key, f"a fraction in (0, 1) or a whole number of steps up to "
+                      f"{MAX_TRAIN_STEPS}")  # fmt: skip
+        if key == "learning_rate" and not value > 0:
+            raise bad(key, "a number > 0")
+        if key == "num_train_epochs" and not 0 < value <= MAX_TRAIN_EPOCHS:
+            raise bad(key, f"a number > 0 and at most {MAX_TRAIN_EPOCHS}")
+        if key == "max_steps" and not (value == -1 or 1 <= value <= MAX_TRAIN_STEPS):
+            raise bad(key, f"-1 (train by epochs) or a step count from 1 to {MAX_TRAIN_STEPS}")
+        if key in ("seed", "data_seed") and not (_is_int(value) and 0 <= value <= MAX_SEED):
+            raise bad(key, f"an integer from 0 to {MAX_SEED}")
+        if key == "dataloader_num_workers":
+            limit = MAX_COUNT if num_cpus is None else num_cpus
+            if not (_is_int(value) and 0 <= value <= limit):
+                raise bad(key, f"an integer from 0 to the job's num_cpus ({limit})")
+        bounds = _RANGES.get(key)
+        if bounds is not None:
+            low, high, low_in, high_in = bounds
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (above and below):
+                lo, hi = "[("[not low_in], "])"[not high_in]
+                raise bad(key, f"in {lo}{low:g}, {high:g}{hi}")
+
+
+def build_training_arguments(
+    training_config: dict[str, Any], output_dir: str | os.PathLike, **overrides: Any
+):
+    """`TrainingArguments(output_dir=..., **training_config, **overrides)` or a 400."""
+    from transformers import TrainingArguments
+
+    param = f"{P}.training_config"
+    check_training_types(training_config)
     kwargs = {**training_config, **overrides}
     try:
         return TrainingArguments(output_dir=str(output_dir), **kwargs)
@@ -433,12 +739,48 @@ def build_training_arguments(
         raise InvalidRequestError(f"`{param}` is invalid: {exc}", param=param) from None
 
 
-def check_training_config(training_config: dict[str, Any], *, cuda_available: bool) -> None:
-    """Refused keys, then `TrainingArguments` must construct (as the run would on this host)."""
+def check_training_config(
+    training_config: dict[str, Any], *, cuda_available: bool, num_cpus: int | None = None
+) -> None:
+    """Refused keys, types and values, then `TrainingArguments` must construct (as the run
+    would on this host)."""
     check_training_keys(training_config)
+    check_training_types(training_config)
+    check_training_values(training_config, num_cpus=num_cpus)
     overrides = {} if cuda_available else {"use_cpu": True}
     scratch = os.path.join(tempfile.gettempdir(), "sllm-validate-training-args")
-    build_training_arguments(training_config, scratch, **overrides)
+    args = build_training_arguments(training_config, scratch, **overrides)
+    _check_scheduler_kwargs(args)
+
+
+# Arguments the Trainer passes to every scheduler itself.
+_SCHEDULER_OWN_ARGS = frozenset({"optimizer", "num_warmup_steps", "num_training_steps"})
+
+
+def _check_scheduler_kwargs(args) -> None:
+    """`lr_scheduler_kwargs` are keywords of the chosen scheduler's function (the Trainer
+    passes them on when it creates the scheduler, at the first step)."""
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+
+    kwargs = args.lr_scheduler_kwargs or {}
+    function = TYPE_TO_SCHEDULER_FUNCTION.get(args.lr_scheduler_type)
+    if not kwargs or function is None:
+        return
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = set(params) - _SCHEDULER_OWN_ARGS
+    for key in kwargs:
+        if key not in accepted:
+            param = f"{P}.training_config.lr_scheduler_kwargs.{key}"
+            name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+            raise InvalidRequestError(
+                f"`{param}` is not an option of the {name!r} scheduler; it takes "
+                f"{', '.join(sorted(accepted)) or 'none'}.",
+                param=param,
+            )
 
 
 _RENAMED_TRAINING_KEYS = {

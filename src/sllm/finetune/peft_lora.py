@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -22,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from sllm.errors import InvalidRequestError
-from sllm.finetune.base import JobSpec, Reporter, TrainResult, ValidationContext
+from sllm.finetune.base import (
+    JobSpec,
+    Reporter,
+    TrainingDivergedError,
+    TrainResult,
+    ValidationContext,
+)
 from sllm.finetune.batching import plan_batching
 from sllm.finetune.checkpoints import (
     earlier_losses,
@@ -39,6 +46,9 @@ from sllm.finetune.config import (
     build_lora_config,
     build_training_arguments,
     check_batching,
+    check_dataset_extras,
+    check_finite,
+    check_lora_rank,
     check_training_config,
     check_training_keys,
     default_output_dir,
@@ -86,18 +96,23 @@ class PeftLoraBackend:
         batching, tokens_per_batch (None means: the device's default, see `token_budget`),
         checkpoint_minutes, compile.
         """
+        check_finite(backend_config)
         cfg = parse_backend_config(backend_config)
         storage = Path(ctx.storage_path)
         output_rel = cfg.output_dir if cfg.output_dir is not None else default_output_dir(ctx.model)
         target = resolve_inside(backend_root(storage), output_rel, param=f"{P}.output_dir")
         check_output_target(target, storage, ctx.model)
 
-        dataset = check_dataset_config(cfg.dataset_config, list(ctx.data_roots))
         check_batching(cfg)
-
         lora = lora_config_with_defaults(cfg.lora_config)
         build_lora_config(lora)  # a bad LoRA config is a 400 naming the field
-        check_training_config(cfg.training_config, cuda_available=_cuda_available())
+        check_training_config(
+            cfg.training_config, cuda_available=_cuda_available(), num_cpus=ctx.num_cpus
+        )
+        # The data last: it is the one check that reads more than a few bytes.
+        dataset = check_dataset_config(
+            cfg.dataset_config, list(ctx.data_roots), storage=storage, num_cpus=ctx.num_cpus
+        )
 
         model_config = _read_model_config(storage, ctx.model)
         if model_config is not None:
@@ -108,6 +123,7 @@ class PeftLoraBackend:
                     f"max_position_embeddings ({limit}); use at most {limit}.",
                     param=f"{P}.max_seq_length",
                 )
+            check_lora_rank(lora, model_config, ctx.model)
             _check_lora_targets(storage, ctx.model, lora)
 
         return {
@@ -138,6 +154,7 @@ class PeftLoraBackend:
             warnings.simplefilter("ignore")
             get_peft_model(AutoModelForCausalLM.from_config(config), build_lora_config({}))
         check_training_config({}, cuda_available=_cuda_available())
+        check_dataset_extras({"keep_in_memory": False}, local=True, extension="json")
 
     # ------------------------------------------------------------------ run (worker process)
 
@@ -249,7 +266,8 @@ class PeftLoraBackend:
         reporter.event("info", plan.summary(), speed)
 
         tracker = TrainingTracker(reporter)
-        callbacks = [make_progress_callback(tracker), graceful_stop.callback()]
+        guard = DivergenceGuard(peft_model)
+        callbacks = [guard.callback(), make_progress_callback(tracker), graceful_stop.callback()]
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
         manifest = read_manifest(storage, spec.model) or {}
@@ -299,6 +317,7 @@ class PeftLoraBackend:
             if not speed["compiled_graphs"]:
                 reporter.event("warning", "torch.compile produced no graph: the job ran eagerly.")
         state = trainer.state
+        guard.raise_if_diverged(int(state.global_step), cfg.training_config)
 
         tokenizer.padding_side = saved_padding_side
         final_loss = tracker.loss_history[-1]["loss"] if tracker.loss_history else None
@@ -405,6 +424,81 @@ class TrainingTracker:
                 {"step": step, "loss": loss},
             )
         self.report(state)
+
+
+class DivergenceGuard:
+    """Stops training at the first non-finite loss or LoRA weight, and refuses to save such an
+    adapter: it would load and serve, answering NaN.
+
+    The weights are checked after every optimizer step (one max-abs reduction over the
+    trainable tensors), because the Trainer's default `logging_nan_inf_filter` hides a NaN step
+    loss from the logs; the logged loss is checked too. On CPU the check is read at once; on a
+    GPU the per-step results are combined on the device and read at each logging step, so the
+    guard adds no host sync beyond the ones logging already makes.
+    """
+
+    def __init__(self, model) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.diverged_at: int | None = None
+        self.what = ""
+        self._pending = None  # device-side "all finite so far" since the last logging step
+
+    def _finite_flag(self):
+        import torch
+
+        with torch.no_grad():
+            peaks = torch._foreach_norm([p.detach() for p in self.params], float("inf"))
+            device = peaks[0].device  # (a model split over devices: gather the peaks on one)
+            return torch.stack([t.float().to(device) for t in peaks]).isfinite().all()
+
+    def weights_finite(self) -> bool:
+        return not self.params or bool(self._finite_flag())
+
+    def _stop(self, step: int, what: str, control) -> None:
+        if self.diverged_at is None:
+            self.diverged_at, self.what = step, what
+        control.should_training_stop = True
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class DivergenceCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if not guard.params:
+                    return
+                ok = guard._finite_flag()
+                if ok.device.type == "cpu":
+                    if not bool(ok):
+                        guard._stop(int(state.global_step), "LoRA weights", control)
+                else:
+                    guard._pending = ok if guard._pending is None else guard._pending & ok
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                loss = (logs or {}).get("loss")
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    guard._stop(int(state.global_step), "loss", control)
+                pending, guard._pending = guard._pending, None
+                if pending is not None and not bool(pending):
+                    guard._stop(int(state.global_step), "LoRA weights", control)
+
+        return DivergenceCallback()
+
+    def raise_if_diverged(self, step: int, training_config: dict[str, Any]) -> None:
+        """Raise `TrainingDivergedError` if training stopped on divergence or the final weights
+        are not finite (checked once more right before saving)."""
+        if self.diverged_at is None and self.weights_finite():
+            return
+        at = self.diverged_at if self.diverged_at is not None else step
+        what = self.what or "LoRA weights"
+        lr = training_config.get("learning_rate")
+        this = f" (this job's: {lr})" if lr is not None else ""
+        raise TrainingDivergedError(
+            f"Training diverged at step {at}: the {what} became NaN or infinite, so no adapter "
+            f"was saved. Try a lower `learning_rate`{this}, gradient clipping (`max_grad_norm`) "
+            "or full precision."
+        )
 
 
 def make_progress_callback(tracker: TrainingTracker):
@@ -596,8 +690,8 @@ def _lora_fit_problem(
             skeleton = AutoModelForCausalLM.from_config(config)
     except Exception:  # noqa: BLE001 - an unloadable config is the run's problem, not ours
         return None
-    try:
-        with warnings.catch_warnings():
+    try:  # on the meta device too: the LoRA matrices are never allocated
+        with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             get_peft_model(skeleton, lora_obj)
     except ValueError as exc:

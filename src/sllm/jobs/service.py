@@ -92,6 +92,7 @@ class JobService:
             storage_path=self.settings.storage_path,
             data_roots=self.settings.resolved_data_roots(),
             model=req.model,
+            num_cpus=req.num_cpus,
         )
         normalised = backend.validate(dict(req.backend_config), ctx)
         config = req.model_dump(exclude={"priority"})

@@ -48,3 +48,10 @@ class ErrorKind(str, Enum):
     SERVER_RESTART = "server_restart"
     NODE_LOST = "node_lost"
     UNSCHEDULABLE = "unschedulable"
+    DIVERGED = "diverged"  # the loss or the LoRA weights became NaN/Infinity; nothing was saved
+
+
+# Kinds a worker reports itself (its message is the job's error); any other exit is a crash.
+WORKER_REPORTED: frozenset[str] = frozenset(
+    {ErrorKind.WORKER_ERROR.value, ErrorKind.DIVERGED.value}
+)

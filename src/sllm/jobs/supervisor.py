@@ -32,7 +32,7 @@ from sllm.jobs.db import JobRecord, JobStore
 from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
 from sllm.jobs.messages import log_hint
 from sllm.jobs.resources import ResourcePool
-from sllm.jobs.states import TERMINAL, ErrorKind, JobStatus
+from sllm.jobs.states import TERMINAL, WORKER_REPORTED, ErrorKind, JobStatus
 from sllm.jobs.worker import EXIT_STOPPED
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class Supervisor:
         if lost:
             self._node_lost(rec, lost)
             return
-        if rec.error_message and rec.error_kind == ErrorKind.WORKER_ERROR.value:
+        if rec.error_message and rec.error_kind in WORKER_REPORTED:
             kind, message = rec.error_kind, rec.error_message
         else:
             kind = ErrorKind.WORKER_CRASHED.value

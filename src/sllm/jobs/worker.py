@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sllm.errors import InvalidRequestError
+from sllm.errors import SllmError
 from sllm.finetune.checkpoints import StopRequested, graceful_stop
 from sllm.jobs.db import JobStore
 from sllm.jobs.messages import exception_reason, log_hint
@@ -225,12 +225,12 @@ def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         reporter.flush()
-        if isinstance(exc, InvalidRequestError):
+        if isinstance(exc, SllmError):  # a reason of ours: invalid data, diverged, ...
             message = exc.message
         else:
             reason = exception_reason(exc, Path(spec.storage_path))
             message = f"{reason.rstrip('.')}; {log_hint(spec.job_id)}."
-        reporter.error(message, ErrorKind.WORKER_ERROR.value)
+        reporter.error(message, getattr(exc, "error_kind", ErrorKind.WORKER_ERROR.value))
         return 1
     reporter.flush()
     reporter.result(str(result.adapter_path))

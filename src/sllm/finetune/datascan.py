@@ -1,0 +1,296 @@
+"""The training data's shape, read cheaply at submit time: it parses, has rows, and its
+`tokenization_field` is a column of text.
+
+Streaming (a line, or a Parquet footer, at a time) and bounded by `SCAN_BUDGET_BYTES`, so a
+submission costs milliseconds for typical files and never holds a whole file in memory. Errors
+name the file (always inside the data roots by then), the line and the column names; never a
+value from the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+from sllm.errors import InvalidRequestError
+from sllm.finetune.config import DS
+
+# Bytes of local data read per submission: a whole file below it (every JSON line parsed), the
+# first SCAN_BUDGET_BYTES of bigger ones (the rest is checked when the job loads it).
+SCAN_BUDGET_BYTES = 64 * 2**20
+# Keys that change how a CSV is parsed: with any of them only the file's readability is checked.
+_CSV_SHAPE_KEYS = frozenset(
+    {"names", "column_names", "header", "skiprows", "usecols", "comment", "quotechar",
+     "escapechar", "lineterminator", "quoting", "index_col", "dtype", "converters",
+     "true_values", "false_values", "na_values", "keep_default_na", "skip_blank_lines",
+     "doublequote", "skipinitialspace", "delim_whitespace", "engine"}
+)  # fmt: skip
+
+
+class _Budget:
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def take(self, n: int) -> bool:
+        self.left -= n
+        return self.left >= 0
+
+
+def check_local_data(
+    files: list[str], extension: str, field: str, extras: dict[str, Any] | None = None
+) -> None:
+    """The files open and parse, hold at least one row, and `field` is a column of text.
+
+    Streaming (one line or one Parquet footer at a time) and bounded by `SCAN_BUDGET_BYTES`.
+    Errors name the file (it is inside the data roots), the line and the column names, never
+    the file's values.
+    """
+    extras = extras or {}
+    budget = _Budget(SCAN_BUDGET_BYTES)
+    rows = 0
+    columns: set[str] = set()
+    found = False
+    for path in files:
+        if budget.left <= 0:
+            break
+        if extension == "json":
+            n, cols, has = _scan_json(path, field, extras, budget)
+        elif extension == "csv":
+            n, cols, has = _scan_csv(path, field, extras, budget)
+        elif extension == "parquet":
+            n, cols, has = _scan_parquet(path, field)
+        else:
+            n, cols, has = _scan_text(path, field, extras, budget)
+        if n is None:
+            return  # a shape this check does not model: the job's loader decides
+        rows += n
+        columns |= cols
+        found = found or has
+    if budget.left <= 0 and rows:
+        found = found or field in columns
+    if rows == 0:
+        raise InvalidRequestError(
+            f"`{DS}.data_files`: the data holds no rows; nothing to train on.",
+            param=f"{DS}.data_files",
+        )
+    if not found:
+        raise InvalidRequestError(
+            f"`{DS}.tokenization_field`: the data has no column {field!r}; its columns: "
+            f"{_columns_text(columns)}.",
+            param=f"{DS}.tokenization_field",
+        )
+
+
+def _columns_text(columns: set[str] | list[str], limit: int = 30) -> str:
+    names = sorted(columns) if isinstance(columns, set) else list(columns)
+    shown = ", ".join(repr(c[:100]) for c in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (shown + more) or "(none)"
+
+
+def _data_error(path: str, where: str, what: str, param: str = f"{DS}.data_files"):
+    return InvalidRequestError(f"`{param}`: {path}{where}: {what}.", param=param)
+
+
+def _not_text(path: str, where: str, field: str, value: Any):
+    kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+    return _data_error(
+        path,
+        where,
+        f"column {field!r} holds a {kind}, not text; every value of `tokenization_field` must "
+        "be a string (or null)",
+        param=f"{DS}.tokenization_field",
+    )
+
+
+def _lines(path: str, encoding: str, budget: _Budget):
+    """(line number, text) of a text file, within the budget; decoding errors name the line."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            if not budget.take(len(raw)):
+                return
+            try:
+                yield number, raw.decode(encoding)
+            except UnicodeDecodeError:
+                raise _data_error(path, f", line {number}", f"not valid {encoding} text") from None
+
+
+def _encoding(extras: dict[str, Any]) -> str:
+    enc = extras.get("encoding") or "utf-8"
+    try:
+        import codecs
+
+        codecs.lookup(enc)
+    except LookupError:
+        raise InvalidRequestError(
+            f"`{DS}.encoding`: unknown text encoding {enc!r}.", param=f"{DS}.encoding"
+        ) from None
+    return enc
+
+
+def _scan_json(path: str, field: str, extras: dict[str, Any], budget: _Budget):
+    """JSON Lines, one object a line; or one JSON document (a list of objects, an object of
+    columns, or with the `field` keyword an object holding either)."""
+    encoding = _encoding(extras)
+    rows = 0
+    columns: set[str] = set()
+    found = False
+    document = "field" in extras
+    if not document:
+        for number, line in _lines(path, encoding, budget):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                row = json.loads(text)
+            except ValueError:
+                if rows == 0 and text[0] in "[{":
+                    document = True  # a pretty-printed JSON document, not JSON Lines
+                    break
+                raise _data_error(
+                    path, f", line {number}", "not valid JSON (JSON Lines: one object a line)"
+                ) from None
+            if not isinstance(row, dict):
+                if rows == 0 and isinstance(row, list):
+                    document = True  # a JSON array on one line
+                    break
+                raise _data_error(path, f", line {number}", "not a JSON object")
+            rows += 1
+            columns |= set(row)
+            if field in row:
+                found = True
+                if row[field] is not None and not isinstance(row[field], str):
+                    raise _not_text(path, f", line {number}", field, row[field])
+        if not document:
+            return rows, columns, found
+    size = os.path.getsize(path)
+    if not budget.take(size):
+        return None, set(), False  # too big to parse whole here
+    try:
+        with open(path, encoding=encoding) as fh:
+            data = json.load(fh)
+    except UnicodeDecodeError:
+        raise _data_error(path, "", f"not valid {encoding} text") from None
+    except ValueError as exc:
+        line = getattr(exc, "lineno", None)
+        raise _data_error(path, f", line {line}" if line else "", "not valid JSON") from None
+    if "field" in extras:
+        key = extras["field"]
+        if not isinstance(data, dict) or key not in data:
+            raise _data_error(
+                path, "", f"no top-level key {key!r} (the `field` keyword)", param=f"{DS}.field"
+            )
+        data = data[key]
+    if isinstance(data, list):
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise _data_error(path, f", item {i}", "not a JSON object")
+            columns |= set(row)
+            if field in row:
+                found = True
+                if row[field] is not None and not isinstance(row[field], str):
+                    raise _not_text(path, f", item {i}", field, row[field])
+        return len(data), columns, found
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        values = data.get(field)
+        for i, value in enumerate(values or []):
+            if value is not None and not isinstance(value, str):
+                raise _not_text(path, f", item {i}", field, value)
+        return max((len(v) for v in data.values()), default=0), set(data), field in data
+    raise _data_error(path, "", "a JSON document must be a list of objects or an object of lists")
+
+
+def _scan_csv(path: str, field: str, extras: dict[str, Any], budget: _Budget):
+    encoding = _encoding(extras)
+    delimiter = extras.get("delimiter") or extras.get("sep") or ","
+    if not isinstance(delimiter, str) or len(delimiter) != 1 or _CSV_SHAPE_KEYS & set(extras):
+        for _ in _lines(path, encoding, budget):  # still: it decodes
+            pass
+        return None, set(), False
+    lines = (text for _, text in _lines(path, encoding, budget))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return 0, set(), False
+        rows = 0
+        numeric = True
+        col = header.index(field) if field in header else None
+        for row in reader:
+            if not row:
+                continue
+            if len(row) > len(header):
+                raise _data_error(
+                    path,
+                    f", line {reader.line_num}",
+                    f"{len(row)} fields where the header has {len(header)}",
+                )
+            rows += 1
+            if col is not None and col < len(row) and row[col].strip():
+                numeric = numeric and _looks_numeric(row[col])
+    except csv.Error:
+        raise _data_error(path, f", line {reader.line_num}", "not valid CSV") from None
+    if col is not None and rows and numeric:
+        raise _data_error(
+            path,
+            "",
+            f"column {field!r} holds only numbers (or booleans), which are read as such, not as "
+            "text; `tokenization_field` must name a column of text",
+            param=f"{DS}.tokenization_field",
+        )
+    return rows, set(header), col is not None
+
+
+def _looks_numeric(value: str) -> bool:
+    if value.strip().lower() in ("true", "false"):
+        return True
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _scan_parquet(path: str, field: str):
+    """The footer only: row count and schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path)
+        schema = meta.schema_arrow
+        rows = meta.metadata.num_rows
+    except Exception:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise _data_error(path, "", "not a readable Parquet file") from None
+    names = set(schema.names)
+    if field in names:
+        kind = schema.field(field).type
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_null(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)
+        ):
+            raise _data_error(
+                path, "", f"column {field!r} holds {kind}, not text",
+                param=f"{DS}.tokenization_field",
+            )  # fmt: skip
+    return rows, names, field in names
+
+
+def _scan_text(path: str, field: str, extras: dict[str, Any], budget: _Budget):
+    """The `text` builder yields one column, `text`."""
+    if field != "text":
+        raise InvalidRequestError(
+            f"`{DS}.tokenization_field`: a text file has one column, 'text'; got {field!r}.",
+            param=f"{DS}.tokenization_field",
+        )
+    rows = 0
+    for _, line in _lines(path, _encoding(extras), budget):
+        if line.strip():
+            rows += 1
+    return rows, {"text"}, True
