@@ -42,6 +42,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
+SCRATCH_PREFIXES = (TMP_PREFIX, OLD_PREFIX)  # what `clean_stale` removes
 STALE_AFTER_S = 24 * 3600
 
 
@@ -231,7 +232,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(entry: Path, now: float) -> bool:
-    for prefix in (TMP_PREFIX, OLD_PREFIX):
+    for prefix in SCRATCH_PREFIXES:
         if entry.name.startswith(prefix):
             rest = entry.name[len(prefix) :]
             break
