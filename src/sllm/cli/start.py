@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 
 def add_parser(sub) -> None:
@@ -37,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from sllm.api.app import create_app
     from sllm.config import Settings
     from sllm.paths import storage_path
+    from sllm.serverlock import StorageInUseError, acquire_server_lock
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.ray_address and (args.num_cpus is not None or args.num_gpus is not None):
@@ -54,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
         starvation_s=args.starvation_seconds,
         ray_address=args.ray_address,
     )
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    try:  # before anything reads the store: a second server must not touch the first's jobs
+        lock = acquire_server_lock(settings.storage_path, host=settings.host, port=settings.port)
+    except StorageInUseError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        app = create_app(settings)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    finally:
+        lock.release()
     return 0

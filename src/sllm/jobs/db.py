@@ -123,6 +123,38 @@ class JobRecord:
         )
 
 
+def connect_read_only(path: Path) -> sqlite3.Connection | None:
+    """A read-only connection to an existing database, for tools beside the server (they must
+    neither create the file nor change its schema); None when there is no database."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        return None
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def read_active_jobs(path: Path) -> list[JobRecord]:
+    """Pending and running jobs in the database at `path`, oldest first, read without a server
+    (what `sllm-store delete` checks); [] when there is no database or no job table yet."""
+    conn = connect_read_only(path)
+    if conn is None:
+        return []
+    try:
+        rows = conn.execute(
+            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
+            (JobStatus.PENDING.value, JobStatus.RUNNING.value),
+        ).fetchall()
+    except sqlite3.OperationalError:  # no such table: no job was ever submitted
+        return []
+    finally:
+        conn.close()
+    return [JobRecord.from_row(r) for r in rows]
+
+
 class OutputDirInUse(Exception):
     """`create` found a pending or running job that writes the same adapter directory."""
 
@@ -260,14 +292,6 @@ class JobStore:
             theirs = json.loads(row["backend_config_json"]).get("output_dir")
             if theirs and _overlaps(mine, output_key(str(theirs))):
                 raise OutputDirInUse(row["id"], JobStatus(row["status"]), str(theirs))
-
-    def active_jobs(self) -> list[JobRecord]:
-        """Pending and running jobs, oldest first (what a running server may still use)."""
-        rows = self._read(
-            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
-            (JobStatus.PENDING.value, JobStatus.RUNNING.value),
-        )
-        return [JobRecord.from_row(r) for r in rows]
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
