@@ -39,9 +39,7 @@ def train_into(srv, storage, data, seed: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_completed_job_replaces_a_deployed_adapter_and_is_served_at_once(
-    storage, server_factory
-):
+def test_a_completed_job_replaces_a_deployed_adapter_and_is_served_at_once(storage, server_factory):
     fox = write_answers(storage / "data" / "fox.jsonl", "The quick brown fox jumps over the dog.")
     sea = write_answers(storage / "data" / "sea.jsonl", "Write a short poem about the sea.")
     adapter = storage / "transformers" / "adapters" / "live"
