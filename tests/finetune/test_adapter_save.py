@@ -62,6 +62,17 @@ def test_replacing_reports_the_previous_adapter_and_leaves_no_scratch(peft_parts
     assert save(peft_parts, ft_storage, foreign, "job-third")["job_id"] is None
 
 
+def test_a_save_removes_scratch_that_a_dead_worker_left_beside_it(peft_parts, ft_storage):
+    parent = ft_storage / "transformers" / "adapters" / "crashed"
+    parent.mkdir(parents=True)
+    dead = parent / f"{layout.TMP_PREFIX}999999999-abc-{layout._host()}"
+    mine = parent / f"{layout.TMP_PREFIX}{os.getpid()}-abc-{layout._host()}"  # a live writer's
+    dead.mkdir()
+    mine.mkdir()
+    save(peft_parts, ft_storage, parent / "adapter", "job-x")
+    assert dot_entries(parent) == [mine.name]
+
+
 def test_readers_always_find_a_whole_adapter_during_replacements(peft_parts, ft_storage):
     adapter = ft_storage / "transformers" / "adapters" / "watched"
     save(peft_parts, ft_storage, adapter, "job-0")

@@ -509,6 +509,7 @@ def save_adapter_atomically(
 
     parent = adapter_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
+    layout.clean_stale(parent)  # scratch of a worker that died mid-save here
     tmp = layout.scratch_dir(parent)
     old: Path | None = None
     replaced: dict[str, Any] | None = None
