@@ -13,7 +13,7 @@ import pytest
 from sllm.jobs.db import read_active_jobs
 from sllm.paths import db_path
 from sllm.serverlock import StorageInUseError, acquire_server_lock, read_holder
-from tests.conftest import free_port, job_config, pid_alive, wait_dead, wait_progress
+from tests.conftest import TINY, free_port, job_config, pid_alive, wait_dead, wait_progress
 
 
 def test_the_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
@@ -80,3 +80,25 @@ def test_a_second_server_exits_at_once_and_the_lock_dies_with_its_holder(storage
     assert read_holder(storage)["pid"] == again.proc.pid
     again.client.post(f"/v1/fine_tuning/jobs/{job}/cancel")
     again.wait_status(job, {"cancelled"})
+
+
+@pytest.mark.slow
+def test_store_delete_of_a_deployed_model_then_its_cold_start_is_a_clear_404(
+    storage, server_factory
+):
+    from tests.store.test_store_cli import run_cli
+
+    srv = server_factory(storage, "--num-cpus", "1")
+    srv.cli("deploy", "--model", TINY)
+    refused = run_cli("delete", "--model", TINY, "--storage-path", str(storage))
+    assert refused.returncode == 1 and f"deployment {TINY!r}" in refused.stderr
+    forced = run_cli("delete", "--model", TINY, "--storage-path", str(storage), "--force")
+    assert forced.returncode == 0 and "this breaks:" in forced.stderr
+
+    chat = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    r = srv.client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 404, r.text
+    error = r.json()["error"]
+    assert "no longer in the store" in error["message"] and "sllm-store save" in error["message"]
+    assert "Traceback" not in r.text and error["param"] == "model"
+    assert srv.client.get(f"/v1/deployments/{TINY}").json()["instances"] == []
