@@ -270,7 +270,7 @@ class DeploymentService(Scaler):
             self.release(inst)
             raise
 
-    async def _current_adapter(self, dep, inst: Instance, adapter: str) -> None:
+    async def _current_adapter(self, dep: Deployment, inst: Instance, adapter: str) -> None:
         """Make sure `inst` serves the adapter's files as they are now: a job that completed
         into a deployed adapter's directory replaced them, and the first request after that
         loads the new version (the fingerprint is a few `stat`s; nothing reloads otherwise)."""
