@@ -65,13 +65,14 @@ def listed_ids(client: httpx.Client) -> set[str]:
         after = page["data"][-1]["id"]
 
 
-def job_request(prep: dict, epochs: int = 1) -> dict[str, Any]:
+def job_request(prep: dict, epochs: int = 1, output: str = "api") -> dict[str, Any]:
+    """One job; each pending job needs its own `output` (a shared output_dir is a 409)."""
     return {
         "model": MODEL_NAME,
         "num_cpus": 1,
         "timeout": 3600,
         "backend_config": {
-            "output_dir": "bench/adapters/api",
+            "output_dir": f"bench/adapters/{output}",
             "dataset_config": {
                 "dataset_source": "local",
                 "data_files": prep["data"],
@@ -85,7 +86,8 @@ def job_request(prep: dict, epochs: int = 1) -> dict[str, Any]:
 
 def block_the_cpu(server: BenchServer, client: httpx.Client, prep: dict) -> str:
     """Start one long job and pause its worker, so later jobs stay pending."""
-    job_id = client.post("/v1/fine_tuning/jobs", json=job_request(prep, 1000)).json()["job_id"]
+    body = job_request(prep, 1000, "blocker")
+    job_id = client.post("/v1/fine_tuning/jobs", json=body).json()["job_id"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         pids = server.worker_pids(job_id)
@@ -108,9 +110,9 @@ def run(quick: bool = False, out_dir: Path = RESULTS, seconds: float = 15.0) -> 
     ):
         blocker = block_the_cpu(server, client, prep)
         time.sleep(8)  # the server's background import of transformers/peft
+        seeds = [job_request(prep, output=f"seed-{i}") for i in range(clients - 1)]
         seed_ids = [blocker] + [
-            client.post("/v1/fine_tuning/jobs", json=job_request(prep)).json()["job_id"]
-            for _ in range(clients - 1)
+            client.post("/v1/fine_tuning/jobs", json=body).json()["job_id"] for body in seeds
         ]
         port = server.port
         polls = {"ids": seed_ids, "clients": clients, "seconds": seconds}
@@ -118,7 +120,8 @@ def run(quick: bool = False, out_dir: Path = RESULTS, seconds: float = 15.0) -> 
         print(f"[api] status, closed loop: {closed}", flush=True)
         paced = load("status", port, workdir, **polls, every=0.1)["stats"]
         print(f"[api] status, every 100 ms: {paced}", flush=True)
-        sub = load("submit", port, workdir, body=job_request(prep), count=submissions)
+        body = job_request(prep, output="submit")  # httpload gives each copy its own output_dir
+        sub = load("submit", port, workdir, body=body, count=submissions)
         submit, ids = sub["stats"], sub["ids"]
         print(f"[api] submissions: {submit}", flush=True)
         seen = listed_ids(client)

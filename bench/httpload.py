@@ -100,12 +100,20 @@ async def poll_status(port: int, ids: list[str], clients: int, seconds: float, e
 
 
 async def submit_many(port: int, request: dict, n: int) -> tuple[dict[str, Any], list[str]]:
-    body = json.dumps(request).encode()
+    """`n` copies of `request`, each with its own output_dir (`<output_dir>-<i>`): pending jobs
+    that share one are refused with 409."""
+    output = request.get("backend_config", {}).get("output_dir")
+    bodies = []
+    for i in range(n):
+        if output:
+            request = {**request, "backend_config": {**request["backend_config"]}}
+            request["backend_config"]["output_dir"] = f"{output}-{i}"
+        bodies.append(json.dumps(request).encode())
     latencies: list[float] = []
     ids: list[str] = []
     errors: list[str] = []
 
-    async def one() -> None:
+    async def one(body: bytes) -> None:
         conn = Conn(port)
         t0 = time.perf_counter()
         try:
@@ -122,7 +130,7 @@ async def submit_many(port: int, request: dict, n: int) -> tuple[dict[str, Any],
             errors.append(f"HTTP {status}: {data[:200]!r}")
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n)))
+    await asyncio.gather(*(one(body) for body in bodies))
     out = stats(latencies, len(errors), time.perf_counter() - t0)
     out["error_samples"] = errors[:5]
     return out, ids

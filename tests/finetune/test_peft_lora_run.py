@@ -151,6 +151,9 @@ def test_end_to_end_llama_on_the_demo_dataset(backend, ft_storage, reporter, pir
     run_job(backend, ft_storage, cfg, again, job_id="job-2")
     meta2 = json.loads((adapter_dir / "training_metadata.json").read_text())
     assert meta2["job_id"] == "job-2" and meta2["steps"] == 2
+    replaced = [e for e in again.events("info") if e["message"].startswith("Replaced")]
+    assert [e["data"]["replaced"]["job_id"] for e in replaced] == [meta["job_id"]]
+    assert meta["job_id"] in replaced[0]["message"]
     leftovers = [
         p.name for p in adapter_dir.parent.iterdir() if p.name.startswith((".tmp", ".old"))
     ]

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from sllm.api.app import create_app
     from sllm.config import Settings
     from sllm.paths import storage_path
+    from sllm.serverlock import StorageInUseError, acquire_server_lock
 
     keys = api_keys(args.api_key)
     refusal = refuse_open_server(args.host, keys, args.allow_unauthenticated)
@@ -125,6 +126,14 @@ def run(args: argparse.Namespace) -> int:
         api_keys=keys,
         max_body_bytes=args.max_body_bytes,
     )
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    try:  # before anything reads the store: a second server must not touch the first's jobs
+        lock = acquire_server_lock(settings.storage_path, host=settings.host, port=settings.port)
+    except StorageInUseError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    try:
+        app = create_app(settings)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    finally:
+        lock.release()
     return 0

@@ -3,7 +3,8 @@
     sllm-store save --model NAME [--backend transformers] [--local-model-path PATH]
                     [--storage-path DIR]
     sllm-store list [--storage-path DIR] [--json]
-    sllm-store delete --model NAME [--storage-path DIR]
+    sllm-store delete --model NAME [--storage-path DIR] [--force]
+                    # refused while a deployment or a pending/running job uses the model
     sllm-store demo [--storage-path DIR]        # the bundled SmolLM2-135M-Instruct, offline
 
 The storage path is the flag, else `$STORAGE_PATH`, else ~/.sllm/models. Errors print
@@ -66,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     delete = sub.add_parser("delete", parents=[common], help="delete a stored model")
     delete.add_argument("--model", required=True)
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it even while a deployment or a pending/running job uses it",
+    )
 
     sub.add_parser(
         "demo",
@@ -144,8 +150,12 @@ def _cmd_list(args, storage, console) -> int:
 def _cmd_delete(args, storage, console) -> int:
     from sllm.store import delete_model
 
-    delete_model(storage, args.model)
+    users = delete_model(storage, args.model, force=args.force)
     print(f"deleted {args.model} from {storage}")
+    if users:
+        print(f"warning: {args.model} was in use (--force); this breaks:", file=sys.stderr)
+        for u in users:
+            print(f"  - {u.what}: {u.breaks}", file=sys.stderr)
     return 0
 
 

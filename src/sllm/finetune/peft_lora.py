@@ -355,7 +355,20 @@ class PeftLoraBackend:
             "device": device,
             "versions": versions,
         }
-        save_adapter_atomically(peft_model, tokenizer, adapter_dir, metadata, spec.model, storage)
+        replaced = save_adapter_atomically(
+            peft_model, tokenizer, adapter_dir, metadata, spec.model, storage
+        )
+        if replaced is not None:
+            made_by = (
+                f"job {replaced['job_id']}, created {replaced['created_at']}"
+                if replaced["job_id"]
+                else f"not written by an sllm job, last modified {replaced['modified_at']}"
+            )
+            reporter.event(
+                "info",
+                f"Replaced the previous adapter at {output_rel} ({made_by}).",
+                {"replaced": replaced},
+            )
         return TrainResult(
             adapter_path=adapter_dir,
             metrics={
@@ -531,8 +544,24 @@ def resolve_max_seq_length(requested: int | None, model_config: Any, reporter: R
 
 
 def check_output_target(target: Path, storage: Path, model: str) -> None:
-    """The adapter dir may be new, empty or an earlier adapter; never a model or other data."""
+    """The adapter dir may be new, empty or an earlier adapter; never a model or other data,
+    never inside another adapter or model (replacing that one would delete it), and never under
+    a name the store keeps for itself (its cleanup would delete the adapter later)."""
+    from sllm.store import layout
+
     param = f"{P}.output_dir"
+    root = backend_root(storage).resolve()
+    layout.check_own_names(target.relative_to(root).as_posix(), param=param)
+    for parent in target.parents:
+        if parent == root or root not in parent.parents:
+            break
+        if (parent / ADAPTER_CONFIG_NAME).is_file() or layout.has_manifest(parent):
+            what = "LoRA adapter" if (parent / ADAPTER_CONFIG_NAME).is_file() else "stored model"
+            raise InvalidRequestError(
+                f"`{param}`: {target} lies inside the {what} at {parent}; replacing or deleting "
+                "that one would delete this adapter too. Choose a path beside it.",
+                param=param,
+            )
     if model:
         try:
             base = model_dir(storage, model)
@@ -560,20 +589,25 @@ def check_output_target(target: Path, storage: Path, model: str) -> None:
 
 def save_adapter_atomically(
     peft_model, tokenizer, adapter_dir: Path, metadata: dict[str, Any], model: str, storage: Path
-) -> None:
-    """Write the adapter into a scratch dir beside `adapter_dir`, then rename it into place.
+) -> dict[str, Any] | None:
+    """Write the adapter into a scratch dir beside `adapter_dir`, then swap it into place.
 
-    An existing adapter there is moved aside first and removed only once the new one is in place
-    (restored if the swap fails), so readers see the old adapter or the new one, never a mix. The
-    scratch dirs follow the store's naming (`.tmp-<pid>-...`, `.old-<pid>-...`) and the final
-    renames hold the store's lock.
+    An existing adapter is exchanged with the new one in one atomic step where the platform can
+    (`renameat2`), so a reader (an instance loading it, a deploy) finds the old adapter or the
+    new one, never a gap or a mix; elsewhere it is moved aside first and restored if the second
+    rename fails. The old one is removed afterwards. The scratch dirs follow the store's naming
+    (`.tmp-<pid>-...`, `.old-<pid>-...`) and the swap holds the store's lock.
+
+    Returns what was replaced (`describe_adapter` of the previous adapter), or None.
     """
     from sllm.store import layout
 
     parent = adapter_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
+    layout.clean_stale(parent)  # scratch of a worker that died mid-save here
     tmp = layout.scratch_dir(parent)
     old: Path | None = None
+    replaced: dict[str, Any] | None = None
     try:
         tmp.mkdir()
         peft_model.save_pretrained(str(tmp))
@@ -585,17 +619,49 @@ def save_adapter_atomically(
         with layout.store_lock(backend_root(storage)):
             check_output_target(adapter_dir, storage, model)  # nothing else appeared meanwhile
             if adapter_dir.exists():
-                old = layout.scratch_dir(parent, layout.OLD_PREFIX)
-                os.rename(adapter_dir, old)
-            os.rename(tmp, adapter_dir)
+                replaced = describe_adapter(adapter_dir)
+                if layout.exchange(tmp, adapter_dir):  # tmp now holds the previous adapter
+                    aside = layout.scratch_dir(parent, layout.OLD_PREFIX)
+                    os.rename(tmp, aside)
+                    tmp = aside
+                else:
+                    old = layout.scratch_dir(parent, layout.OLD_PREFIX)
+                    os.rename(adapter_dir, old)
+                    os.rename(tmp, adapter_dir)
+            else:
+                os.rename(tmp, adapter_dir)
             layout.fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not adapter_dir.exists():
             os.rename(old, adapter_dir)
         raise
+    shutil.rmtree(tmp, ignore_errors=True)  # the previous adapter, after an exchange
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return replaced
+
+
+def describe_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """Which run wrote the adapter at `adapter_dir`: its job id and time from its metadata (empty
+    fields when it was not written by sllm), plus the directory's modification time."""
+    try:
+        meta = json.loads((adapter_dir / METADATA_NAME).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if not isinstance(meta, dict):
+        meta = {}
+    try:
+        mtime = datetime.fromtimestamp(adapter_dir.stat().st_mtime, timezone.utc).isoformat()
+    except OSError:
+        mtime = None
+    return {
+        "path": str(adapter_dir),
+        "job_id": meta.get("job_id"),
+        "created_at": meta.get("created_at"),
+        "base_model": (meta.get("base_model") or {}).get("name"),
+        "modified_at": mtime,
+    }
 
 
 def _name_base_model(adapter_config: Path, model: str) -> None:

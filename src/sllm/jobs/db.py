@@ -11,6 +11,7 @@ behind the supervisor's or a worker's write transaction, nor behind each other.
 from __future__ import annotations
 
 import json
+import posixpath
 import sqlite3
 import threading
 import uuid
@@ -139,6 +140,58 @@ class JobRecord:
         )
 
 
+def connect_read_only(path: Path) -> sqlite3.Connection | None:
+    """A read-only connection to an existing database, for tools beside the server (they must
+    neither create the file nor change its schema); None when there is no database."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.OperationalError:
+        return None
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def read_active_jobs(path: Path) -> list[JobRecord]:
+    """Pending and running jobs in the database at `path`, oldest first, read without a server
+    (what `sllm-store delete` checks); [] when there is no database or no job table yet."""
+    conn = connect_read_only(path)
+    if conn is None:
+        return []
+    try:
+        rows = conn.execute(
+            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
+            (JobStatus.PENDING.value, JobStatus.RUNNING.value),
+        ).fetchall()
+    except sqlite3.OperationalError:  # no such table: no job was ever submitted
+        return []
+    finally:
+        conn.close()
+    return [JobRecord.from_row(r) for r in rows]
+
+
+class OutputDirInUse(Exception):
+    """`create` found a pending or running job that writes the same adapter directory."""
+
+    def __init__(self, job_id: str, status: JobStatus, output_dir: str) -> None:
+        super().__init__(f"{output_dir} is the output of {job_id} ({status.value})")
+        self.job_id = job_id
+        self.status = status
+        self.output_dir = output_dir
+
+
+def output_key(output_dir: str) -> str:
+    """The form two `output_dir`s are compared in (`a//b/`, `./a/b` and `a/b` are one dir)."""
+    return posixpath.normpath(output_dir).strip("/")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Same directory, or one inside the other (writing the outer one replaces the inner)."""
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 class QueuedJob(NamedTuple):
     """A pending job as the scheduler sees it."""
 
@@ -221,12 +274,19 @@ class JobStore:
         priority: int,
         config: dict[str, Any],
         backend_config: dict[str, Any],
+        exclusive_output: bool = False,
     ) -> JobRecord:
+        """Insert a pending job. With `exclusive_output`, raise `OutputDirInUse` when a pending or
+        running job writes the same `backend_config["output_dir"]` (or one inside the other),
+        checked in the insert's own write transaction so two racing submissions cannot both
+        pass."""
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         ts = now_iso()
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                if exclusive_output and backend_config.get("output_dir"):
+                    self._check_output_free(str(backend_config["output_dir"]))
                 self._conn.execute(
                     "INSERT INTO jobs (id, status, priority, model, ft_backend, num_cpus, "
                     "num_gpus, timeout, config_json, backend_config_json, created_time, "
@@ -254,6 +314,18 @@ class JobStore:
         record = self.get(job_id)
         assert record is not None
         return record
+
+    def _check_output_free(self, output_dir: str) -> None:
+        """Inside a write transaction: no active job may write `output_dir` or around it."""
+        mine = output_key(output_dir)
+        rows = self._conn.execute(
+            "SELECT id, status, backend_config_json FROM jobs WHERE status IN (?, ?) ORDER BY seq",
+            (JobStatus.PENDING.value, JobStatus.RUNNING.value),
+        ).fetchall()
+        for row in rows:
+            theirs = json.loads(row["backend_config_json"]).get("output_dir")
+            if theirs and _overlaps(mine, output_key(str(theirs))):
+                raise OutputDirInUse(row["id"], JobStatus(row["status"]), str(theirs))
 
     def get(self, job_id: str) -> JobRecord | None:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sllm.config import Settings
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.finetune.base import ValidationContext, get_backend
-from sllm.jobs.db import JobRecord, JobStore
+from sllm.jobs.db import JobRecord, JobStore, OutputDirInUse, output_key
 from sllm.jobs.models import (
     FineTuningJob,
     FineTuningJobRequest,
@@ -59,6 +59,18 @@ def to_wire(rec: JobRecord) -> FineTuningJob:
     )
 
 
+def _output_conflict(busy: OutputDirInUse, mine: str | None) -> ConflictError:
+    param = "backend_config.output_dir"
+    exact = mine is None or output_key(busy.output_dir) == output_key(mine)
+    same = "the same" if exact else "an overlapping"
+    return ConflictError(
+        f"`{param}`={mine!r}: job {busy.job_id} ({busy.status.value}) writes {same} adapter "
+        f"directory ({busy.output_dir!r}); two jobs would overwrite each other's adapter. Wait "
+        f"for {busy.job_id} to finish, cancel it, or choose another output_dir.",
+        param=param,
+    )
+
+
 class JobService:
     def __init__(
         self, settings: Settings, store: JobStore, pool: ResourcePool, supervisor: Supervisor
@@ -96,16 +108,20 @@ class JobService:
         )
         normalised = backend.validate(dict(req.backend_config), ctx)
         config = req.model_dump(exclude={"priority"})
-        rec = self.store.create(
-            model=req.model,
-            ft_backend=req.ft_backend,
-            num_cpus=req.num_cpus,
-            num_gpus=req.num_gpus,
-            timeout=float(req.timeout),
-            priority=req.priority,
-            config=config,
-            backend_config=normalised,
-        )
+        try:
+            rec = self.store.create(
+                model=req.model,
+                ft_backend=req.ft_backend,
+                num_cpus=req.num_cpus,
+                num_gpus=req.num_gpus,
+                timeout=float(req.timeout),
+                priority=req.priority,
+                config=config,
+                backend_config=normalised,
+                exclusive_output=True,
+            )
+        except OutputDirInUse as busy:
+            raise _output_conflict(busy, normalised.get("output_dir")) from None
         self.supervisor.wake()
         return rec.id
 

@@ -16,6 +16,7 @@ frees their share and wakes the job supervisor. Instance lifecycle lives in `sca
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -259,6 +260,8 @@ class DeploymentService(Scaler):
             dep = self._get(model)
         inst = await self.acquire(dep)
         try:
+            if adapter is not None:
+                await self._current_adapter(dep, inst, adapter)
             body = {**payload, "adapter": adapter}
             return await GenerationStream.open(
                 self._client(), inst.url, body, lambda: self.release(inst)
@@ -266,6 +269,24 @@ class DeploymentService(Scaler):
         except BaseException:
             self.release(inst)
             raise
+
+    async def _current_adapter(self, dep: Deployment, inst: Instance, adapter: str) -> None:
+        """Make sure `inst` serves the adapter's files as they are now: a job that completed
+        into a deployed adapter's directory replaced them, and the first request after that
+        loads the new version (the fingerprint is a few `stat`s; nothing reloads otherwise)."""
+        rel = dep.config.lora_adapters.get(adapter)
+        if rel is None:
+            return
+        path = self.root / rel
+        fingerprint = adapter_fingerprint(path)
+        if not fingerprint or inst.loaded.get(adapter) == f"{path}|{fingerprint}":
+            return
+        with self._lock:
+            dep.fingerprints[adapter] = fingerprint
+        errors = await asyncio.to_thread(self._sync, dep, inst)
+        self._record_errors(dep, errors)
+        if adapter in errors:
+            raise InstanceError(f"Adapter {adapter!r} failed to reload: {errors[adapter]}")
 
 
 def _check_adapter_name(name: str, model: str) -> None:

@@ -48,17 +48,39 @@ class DeploymentRegistry:
 
     def load(self) -> list[tuple[DeploymentConfig, float]]:
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT config, created_time FROM deployments ORDER BY created_time"
-            ).fetchall()
-        out = []
-        for raw, created in rows:
-            try:
-                out.append((DeploymentConfig.model_validate(json.loads(raw)), created))
-            except ValueError:
-                continue  # written by an incompatible version: skip it, keep serving
-        return out
+            rows = self._conn.execute(_SELECT).fetchall()
+        return _parse(rows)
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+_SELECT = "SELECT config, created_time FROM deployments ORDER BY created_time"
+
+
+def _parse(rows) -> list[tuple[DeploymentConfig, float]]:
+    out = []
+    for raw, created in rows:
+        try:
+            out.append((DeploymentConfig.model_validate(json.loads(raw)), created))
+        except ValueError:
+            continue  # written by an incompatible version: skip it, keep serving
+    return out
+
+
+def read_deployments(path: Path) -> list[DeploymentConfig]:
+    """The deployments recorded in the database at `path`, read without a server and without
+    creating anything (what `sllm-store delete` checks); [] when there are none."""
+    from sllm.jobs.db import connect_read_only
+
+    conn = connect_read_only(path)
+    if conn is None:
+        return []
+    try:
+        rows = conn.execute(_SELECT).fetchall()
+    except sqlite3.OperationalError:  # no such table: nothing was ever deployed
+        return []
+    finally:
+        conn.close()
+    return [config for config, _ in _parse(rows)]

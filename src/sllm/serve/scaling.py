@@ -125,6 +125,7 @@ class Scaler:
         if open_:
             inst = min(open_, key=lambda i: (i.state != "ready", i.in_flight))
         elif len(dep.live()) < dep.config.max_instances:
+            self._check_model_stored(dep)
             inst = self._start_instance(dep)
             if inst is None and not dep.live():
                 raise OverloadedError(
@@ -139,6 +140,23 @@ class Scaler:
             inst.in_flight += 1
             inst.last_used = time.monotonic()
         return inst
+
+    def _check_model_stored(self, dep: Deployment) -> None:
+        """A cold start of a model that left the store (`sllm-store delete --force`) is the
+        client's 404 with the fix, not an instance that dies loading a missing path."""
+        model = dep.config.model
+        if not self._model_stored(dep):
+            raise NotFoundError(
+                f"The deployed model {model!r} is no longer in the store, so no instance can "
+                f"start: save it again (sllm-store save --model {model} --backend transformers) "
+                f"or delete the deployment (sllm delete {model}).",
+                param="model",
+            )
+
+    def _model_stored(self, dep: Deployment) -> bool:
+        from sllm.store import has_model
+
+        return has_model(self.storage, dep.config.model)
 
     async def _until_ready(self, dep: Deployment, inst: Instance) -> None:
         while True:
@@ -294,7 +312,7 @@ class Scaler:
                 doomed += [(dep, i) for i in self._crashed(dep)]
                 doomed += [(dep, i) for i in self._idle(dep, now)]
                 while len(dep.live()) < dep.config.min_instances:
-                    if self._start_instance(dep) is None:
+                    if not self._model_stored(dep) or self._start_instance(dep) is None:
                         break
         for dep, inst in doomed:
             threading.Thread(target=self._teardown, args=(dep, inst), daemon=True).start()

@@ -3,7 +3,8 @@
     save_model(model, storage, backend="transformers", local_model_path=None, progress=None) -> Path
     has_model(storage, model) -> bool
     list_models(storage) -> list[dict]
-    delete_model(storage, model) -> None
+    delete_model(storage, model, force=False) -> list[ModelUser]   # refuses a model in use
+    model_users(storage, model) -> list[ModelUser]
     model_checksum(storage, model) -> str | None
     verify_model(storage, model) -> bool
     load_model(storage, model, device="cpu", dtype=None) -> (model, tokenizer)
@@ -16,9 +17,11 @@ from sllm.store.catalog import delete_model, has_model, list_models, model_check
 from sllm.store.layout import SUPPORTED_BACKENDS
 from sllm.store.loader import MANIFEST_NAME, load_model, read_manifest
 from sllm.store.save import HubUnreachableError, save_model
+from sllm.store.usage import ModelUser, model_users
 
 __all__ = [
     "MANIFEST_NAME",
+    "ModelUser",
     "SUPPORTED_BACKENDS",
     "HubUnreachableError",
     "delete_model",
@@ -26,6 +29,7 @@ __all__ = [
     "list_models",
     "load_model",
     "model_checksum",
+    "model_users",
     "read_manifest",
     "save_model",
     "verify_model",

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sllm.errors import NotFoundError
+from sllm.errors import ConflictError, NotFoundError
 from sllm.paths import backend_root
 from sllm.store import layout
 from sllm.store.loader import MANIFEST_NAME
+from sllm.store.usage import ModelUser, model_users
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -92,8 +93,14 @@ def _prune_empty_parents(path: Path, root: Path) -> None:
             break
 
 
-def delete_model(storage: Path, model: str, backend: str = "transformers") -> None:
+def delete_model(
+    storage: Path, model: str, backend: str = "transformers", *, force: bool = False
+) -> list[ModelUser]:
     """Remove a stored model; NotFoundError when it is not there.
+
+    A model that a deployment or a pending or running job uses (`sllm.store.usage`) is kept,
+    with a ConflictError listing them, unless `force`; then it goes anyway and the users are
+    returned, each with what its deletion breaks.
 
     The directory is renamed aside and removed, so it disappears at once. If it also holds
     things the store did not write (say an adapter saved inside it), only the manifest and the
@@ -106,6 +113,15 @@ def delete_model(storage: Path, model: str, backend: str = "transformers") -> No
         if manifest is None:
             raise NotFoundError(
                 f"model {name} is not in the store at {root}.",
+                param="model",
+            )
+        users = model_users(Path(storage), name)
+        if users and not force:
+            listing = "".join(f"\n  - {u.what}" for u in users)
+            raise ConflictError(
+                f"{name} is in use, so it was not deleted:{listing}\nDelete the deployment "
+                f"first (sllm delete {name}) and cancel the jobs or let them finish; or pass "
+                "--force to delete it anyway (and break them).",
                 param="model",
             )
         listed = {f["path"] for f in manifest.get("files") or []} | {MANIFEST_NAME}
@@ -123,3 +139,4 @@ def delete_model(storage: Path, model: str, backend: str = "transformers") -> No
                 except FileNotFoundError:
                     pass
         _prune_empty_parents(target, root)
+    return users

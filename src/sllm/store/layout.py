@@ -17,6 +17,9 @@ A crashed process leaves such directories behind; `clean_stale` removes those wh
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -39,6 +42,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
+SCRATCH_PREFIXES = (TMP_PREFIX, OLD_PREFIX)  # what `clean_stale` removes
 STALE_AFTER_S = 24 * 3600
 
 
@@ -60,14 +64,27 @@ def resolve_model(storage: Path, model: str, backend: str = "transformers") -> t
     target = model_dir(Path(storage), model, backend)
     root = backend_root(Path(storage), backend).resolve()
     name = target.relative_to(root).as_posix()
+    check_own_names(name, param="model", given=model)
+    return name, target
+
+
+def check_own_names(name: str, *, param: str, given: str | None = None) -> None:
+    """Refuse a path (relative to a backend root) that uses a name the store keeps for itself.
+
+    Every component starting with '.' is the store's: its scratch directories (`.tmp-*` for a
+    save in progress, `.old-*` for a replaced model or adapter) are deleted by `clean_stale` on
+    the next save, and `.lock` is its lock file. Models and adapters written under such a name
+    would vanish (or hide) while the store still reported them saved.
+    """
     for part in name.split("/"):
         if part.startswith("."):
             raise InvalidRequestError(
-                f"`model`={model!r}: path components may not start with '.' "
-                "(the store keeps its scratch directories under such names).",
-                param="model",
+                f"`{param}`={given if given is not None else name!r}: the path component "
+                f"{part!r} starts with '.', which the store keeps for itself (its scratch "
+                f"directories {TMP_PREFIX}* and {OLD_PREFIX}* are removed on the next save); "
+                "use a name without a leading dot.",
+                param=param,
             )
-    return name, target
 
 
 def has_manifest(path: Path) -> bool:
@@ -157,6 +174,39 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@functools.cache
+def _renameat2():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`).
+
+    Readers of either path see the old entry or the new one, never none. Returns False, changing
+    nothing, where the platform or filesystem cannot do it; callers then fall back to two renames.
+    """
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 # --- scratch directories and the lock ------------------------------------------------------------
 
 
@@ -182,7 +232,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(entry: Path, now: float) -> bool:
-    for prefix in (TMP_PREFIX, OLD_PREFIX):
+    for prefix in SCRATCH_PREFIXES:
         if entry.name.startswith(prefix):
             rest = entry.name[len(prefix) :]
             break
