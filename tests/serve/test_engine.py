@@ -186,3 +186,49 @@ def test_opt_model_batches_too(tmp_path):
         assert alone[0] != run(eng, PROMPTS[0], None).text
     finally:
         eng.close()
+
+
+def _poison(engine, name):
+    """Make a loaded adapter's LoRA weights NaN in place (as a diverged job's would be)."""
+    import torch
+
+    internal = engine.adapters.get(name).internal
+    with torch.no_grad():
+        for key, param in engine.peft.named_parameters():
+            if f".{internal}." in key:
+                param.fill_(float("nan"))
+
+
+def test_a_degenerate_row_fails_alone_in_its_batch(tiny, engine):
+    engine.load_adapter("nan", str(tiny["c"]))
+    _poison(engine, "nan")
+    tiny_t = SamplingParams(max_tokens=12, temperature=1e-300)  # decodes greedily
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, seed=3)
+    jobs = [
+        (PROMPTS[0], None, None),
+        (PROMPTS[1], "a", None),
+        (PROMPTS[2], "nan", None),
+        (PROMPTS[3], None, tiny_t),
+        (PROMPTS[4], "nan", seeded),
+        (PROMPTS[4], "b", seeded),
+    ]
+    alone = {i: run(engine, *jobs[i]).text for i in (0, 1, 5)}
+    prefills, failures = engine.stats["prefills"], engine.stats["row_failures"]
+    collectors = []
+    with engine._cond:  # the engine thread waits: every row is admitted into ONE prefill
+        for prompt, adapter, params in jobs:
+            c = Collector()
+            engine.submit(encode_prompt(engine.tokenizer, prompt), params or greedy(), c, adapter)
+            collectors.append(c)
+    results = [c.wait() for c in collectors]
+    assert engine.stats["prefills"] == prefills + 1  # one forward pass held them all
+    assert engine.stats["row_failures"] == failures + 2
+    for i in (0, 1, 5):  # greedy and seeded rows beside the failing ones are unchanged
+        assert results[i].done["type"] == "done" and results[i].text == alone[i]
+    for i in (2, 4):
+        assert results[i].done["type"] == "error" and results[i].done["kind"] == "row"
+        assert "non-finite" in results[i].done["message"] and "'nan'" in results[i].done["message"]
+    assert results[3].done["type"] == "done"
+    assert results[3].text == run(engine, PROMPTS[3], None).text  # tiny temperature: greedy
+    assert engine.in_flight() == 0
+    assert run(engine, PROMPTS[0], None).text == alone[0]  # the engine keeps serving
