@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from serve_helpers import Collector, make_random_adapter
+from serve_helpers import Collector, make_random_adapter, nan_copy
 
 from sllm.errors import InvalidRequestError, NotFoundError
 from sllm.serve.decoding import SamplingParams
@@ -166,6 +166,10 @@ def test_unload_and_errors(tiny, engine):
         engine.load_adapter("w", str(tiny["wrong"]))
     with pytest.raises(InvalidRequestError, match="adapter_config.json"):
         engine.load_adapter("x", str(tiny["base"]))
+    nan = nan_copy(tiny["c"], tiny["c"].parent / "c-nan")
+    with pytest.raises(InvalidRequestError, match="non-finite weights"):
+        engine.load_adapter("n", str(nan))
+    assert "n" not in engine.adapters.names()
     with pytest.raises(InvalidRequestError, match="context"):
         engine.submit(list(range(5)) * 200, greedy(), Collector())
     engine.unload_adapter("a")  # the last one stays loaded (peft needs one), but unnamed

@@ -28,13 +28,14 @@ from sllm.jobs.resources import ResourcePool, require_fit
 from sllm.serve.adapters import (
     adapter_fingerprint,
     check_adapter_dir,
+    check_finite_weights,
     check_fits_base,
     resolve_adapter_path,
 )
 from sllm.serve.client import GenerationStream
 from sllm.serve.errors import InstanceError
+from sllm.serve.fields import ADAPTER_NAME_RE
 from sllm.serve.protocol import (
-    ADAPTER_NAME_RE,
     DeleteResponse,
     DeploymentConfig,
     DeploymentList,
@@ -161,6 +162,7 @@ class DeploymentService(Scaler):
             try:
                 adapter_config = check_adapter_dir(path)
                 check_fits_base(model_dir, path, adapter_config)
+                check_finite_weights(path)
             except InvalidRequestError as exc:
                 raise InvalidRequestError(
                     f"`lora_adapters.{name}`: {exc.message}", param=f"lora_adapters.{name}"
@@ -261,7 +263,7 @@ class DeploymentService(Scaler):
         try:
             body = {**payload, "adapter": adapter}
             return await GenerationStream.open(
-                self._client(), inst.url, body, lambda: self.release(inst)
+                self._client(), inst.url, body, lambda: self.release(inst), inst.headers
             )
         except BaseException:
             self.release(inst)

@@ -28,7 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 from sllm.errors import InvalidRequestError
-from sllm.serve.adapters import AdapterSet, AdapterVersion, check_adapter_dir, check_shapes, timed
+from sllm.serve.adapters import (
+    AdapterSet,
+    AdapterVersion,
+    check_adapter_dir,
+    check_finite_weights,
+    check_shapes,
+    timed,
+)
 from sllm.serve.batch import BASE, AdapterRouter, Batch, Row, left_padded, run_forward
 from sllm.serve.decoding import (
     RowFailure,
@@ -148,6 +155,7 @@ class Engine:
             return {"name": name, "status": "unchanged", "load_seconds": 0.0}
         check_adapter_dir(path)
         check_shapes(self.base, path)
+        check_finite_weights(path)
         internal = self.adapters.next_internal()
         with self._model_lock:
             _, seconds = timed(self._load_into_model, internal, path)
