@@ -73,6 +73,8 @@ def check_store_path(value: str) -> str:
     for part in value.rstrip("/").split("/"):
         if not part:
             raise ValueError(f"{value!r} has an empty path component; write it as a/b")
+        if part == "..":
+            raise ValueError(f"{value!r} escapes through '..'; use a plain path below the store")
         if part.startswith("."):
             raise ValueError(
                 f"{value!r}: the component {part!r} starts with '.', which the store keeps for "
