@@ -299,3 +299,25 @@ def test_the_secret_travels_in_the_environment_not_the_command_line(tmp_path):
     assert len(proc.secret) >= 32 and proc.secret != other.secret
     args = instance_args(tmp_path, "m", proc.ready_file, Allocation("o", 1, ()), 8, "auto")
     assert not any(proc.secret in a for a in args)
+
+
+def test_only_the_same_user_tools_can_read_an_instance_secret():
+    import os
+    import subprocess
+    import sys
+
+    from sllm.serve.auth import SECRET_ENV, new_secret, secret_of
+
+    secret = new_secret()
+    env = {**os.environ, SECRET_ENV: secret}
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    try:
+        assert secret_of(child.pid) == secret
+        assert secret not in open(f"/proc/{child.pid}/cmdline").read()
+        assert oct(os.stat(f"/proc/{child.pid}/environ").st_mode & 0o777) == "0o400"
+    finally:
+        child.kill()
+        child.wait()
+    if SECRET_ENV not in open(f"/proc/{os.getpid()}/environ", "rb").read().decode(errors="replace"):
+        with pytest.raises(LookupError):
+            secret_of(os.getpid())

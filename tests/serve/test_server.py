@@ -15,6 +15,8 @@ import httpx
 import pytest
 from serve_helpers import LLAMA, OPT, peft_generate
 
+from sllm.serve.auth import auth_headers, instance_headers, secret_of
+
 pytestmark = pytest.mark.slow
 
 QUESTION = "Question: What is the capital of France? Answer:"
@@ -34,20 +36,9 @@ def text_of(server, model, adapter=None, prompt=QUESTION, n=12) -> str:
     return complete(server, model, prompt, adapter, n)["choices"][0]["text"]
 
 
-def instance_secret(pid: int) -> str:
-    """The secret the server gave an instance, read as only its own user can: /proc/PID/environ."""
-    from sllm.serve.auth import SECRET_ENV
-
-    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    (value,) = [e.split(b"=", 1)[1] for e in env if e.startswith(SECRET_ENV.encode() + b"=")]
-    return value.decode()
-
-
 def instance_health(server, model) -> dict:
-    from sllm.serve.auth import auth_headers
-
     inst = server.deployment(model)["instances"][0]
-    headers = auth_headers(instance_secret(inst["pid"]))
+    headers = instance_headers(inst["pid"])
     return httpx.get(f"http://127.0.0.1:{inst['port']}/health", headers=headers, timeout=10).json()
 
 
@@ -86,11 +77,9 @@ def test_seed_commands_deploy_and_chat(world):
 
 
 def test_an_instance_port_answers_only_its_server(world):
-    from sllm.serve.auth import auth_headers
-
     (inst,) = world.server.deployment(OPT)["instances"]
     url = f"http://127.0.0.1:{inst['port']}"
-    secret = instance_secret(inst["pid"])
+    secret = secret_of(inst["pid"])
     assert secret not in open(f"/proc/{inst['pid']}/cmdline").read()  # not visible in `ps`
     body = {"prompt": "Hello", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": secret}):

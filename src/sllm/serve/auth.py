@@ -40,6 +40,22 @@ def take_secret_from_env() -> str:
     return secret
 
 
+def secret_of(pid: int) -> str:
+    """The secret of the local instance `pid`, read from its initial environment, as only its
+    own user (and root) can: for the benchmarks and tests that call an instance directly."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = f.read().split(b"\0")
+    prefix = SECRET_ENV.encode() + b"="
+    for entry in entries:
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode()
+    raise LookupError(f"process {pid} has no ${SECRET_ENV}: it is not an sllm instance")
+
+
+def instance_headers(pid: int) -> dict[str, str]:
+    return auth_headers(secret_of(pid))
+
+
 class RequireSecret:
     """ASGI middleware: every HTTP request must carry `Authorization: Bearer <secret>`."""
 
