@@ -121,6 +121,7 @@ def test_free_text_must_be_valid_unicode_without_nul():
         ("model", "bad\x7fname"),
         ("model", ".hidden/model"),
         ("model", "a//b"),
+        ("model", "/etc/passwd"),
         ("lora_adapters", {"a": "_jobs/job-1/trainer"}),
         ("lora_adapters", {"a": "adapters/.tmp-123-ab-host"}),
         ("lora_adapters", {"a": "ok/../.lock"}),
@@ -310,8 +311,10 @@ def test_only_the_same_user_tools_can_read_an_instance_secret():
 
     secret = new_secret()
     env = {**os.environ, SECRET_ENV: secret}
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+    code = "import time; print('up', flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE)
     try:
+        assert child.stdout.readline() == b"up\n"  # exec'd: /proc shows its own environment
         assert secret_of(child.pid) == secret
         assert secret not in open(f"/proc/{child.pid}/cmdline").read()
         assert oct(os.stat(f"/proc/{child.pid}/environ").st_mode & 0o777) == "0o400"

@@ -70,6 +70,8 @@ def check_name_chars(value: str) -> str:
 def check_store_path(value: str) -> str:
     """A name or relative path under the store: no empty, `.`-prefixed or reserved component."""
     check_name_chars(value)
+    if value.startswith("/"):
+        raise ValueError(f"{value!r} is an absolute path; give the name relative to the store")
     for part in value.rstrip("/").split("/"):
         if not part:
             raise ValueError(f"{value!r} has an empty path component; write it as a/b")
