@@ -236,3 +236,25 @@ def test_a_degenerate_row_fails_alone_in_its_batch(tiny, engine):
     assert results[3].text == run(engine, PROMPTS[3], None).text  # tiny temperature: greedy
     assert engine.in_flight() == 0
     assert run(engine, PROMPTS[0], None).text == alone[0]  # the engine keeps serving
+
+
+def test_a_row_that_turns_non_finite_mid_decode_leaves_alone(tiny, engine):
+    engine.load_adapter("late", str(tiny["c"]))
+    base_alone = run(engine, PROMPTS[1], None, greedy(40)).text
+    a_alone = run(engine, PROMPTS[2], "a", greedy(40)).text
+    rows = [Collector(), Collector(), Collector()]
+    with engine._cond:
+        for c, (prompt, adapter) in zip(
+            rows, [(PROMPTS[1], None), (PROMPTS[0], "late"), (PROMPTS[2], "a")], strict=True
+        ):
+            engine.submit(encode_prompt(engine.tokenizer, prompt), greedy(40), c, adapter)
+    steps = engine.stats["steps"]
+    while engine.stats["steps"] < steps + 3:  # all three are decoding now
+        time.sleep(0.0005)
+    with engine._model_lock:  # between two steps, the adapter's weights go NaN
+        _poison(engine, "late")
+    base, late, other = (c.wait() for c in rows)
+    assert late.done["type"] == "error" and "non-finite" in late.done["message"]
+    assert late.text  # it had produced text before its weights went bad
+    assert base.done["finish_reason"] == "length" and base.text == base_alone
+    assert other.done["finish_reason"] == "length" and other.text == a_alone
