@@ -324,3 +324,14 @@ def test_only_the_same_user_tools_can_read_an_instance_secret():
     if SECRET_ENV not in open(f"/proc/{os.getpid()}/environ", "rb").read().decode(errors="replace"):
         with pytest.raises(LookupError):
             secret_of(os.getpid())
+
+
+def test_a_merge_with_an_invalid_stored_config_is_a_400_not_a_crash(service):
+    service.deploy(DeployRequest(model=TINY))
+    dep = service._deps[TINY]
+    dep.config = DeploymentConfig.model_construct(**{**dep.config.model_dump(), "keep_alive": -1.0})
+    with pytest.raises(InvalidRequestError, match="keep_alive") as info:
+        service.deploy(DeployRequest(model=TINY, max_instances=2))
+    assert info.value.param == "keep_alive"
+    service.deploy(DeployRequest(model=TINY, keep_alive=3))  # setting it again repairs it
+    assert service.status(TINY).data[0].config.keep_alive == 3.0

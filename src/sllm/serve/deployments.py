@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.jobs.resources import ResourcePool, require_fit
@@ -122,7 +123,15 @@ class DeploymentService(Scaler):
             resolved = resolve_adapter_path(self.storage, name, path)
             adapters[name] = resolved.relative_to(self.root).as_posix()
         merged["lora_adapters"] = adapters
-        config = DeploymentConfig.model_validate(merged)
+        try:  # the request is valid on its own; what it merges with may not be (old rows)
+            config = DeploymentConfig.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "model"
+            raise InvalidRequestError(
+                f"`{field}`: {err['msg']} (in the deployment's merged settings); set it again.",
+                param=field,
+            ) from None
         self._check_config(config)
         return config
 
