@@ -42,6 +42,15 @@ def test_each_row_is_chosen_on_its_own():
     assert "non-finite" in out[1]
 
 
+def test_an_infinite_temperature_fails_its_row_instead_of_sampling_nan():
+    import torch
+
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [0.0, 2.0, 1.0]])
+    params = [SamplingParams(temperature=math.inf), SamplingParams(temperature=0.0)]
+    out = choose_tokens(logits, params, [_gen(0), None])
+    assert isinstance(out[0], RowFailure) and "temperature inf" in out[0] and out[1] == 1
+
+
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 0.0, -0.0, math.nan, 1e-6])
 def test_degenerate_temperatures_decode_greedily(temperature):
     import torch

@@ -55,11 +55,12 @@ def make_generator(params: SamplingParams, device: Any):
 
 def choose_tokens(logits, params: list[SamplingParams], generators: list) -> list[int | RowFailure]:
     """Next token of every row: argmax for greedy rows, top-p sampling with the row's generator;
-    a `RowFailure` for a row whose logits or probabilities are not finite."""
+    a `RowFailure` for a row whose logits or probabilities are not finite (-Inf alone marks an
+    impossible token; NaN, +Inf or a row without any finite score is unusable)."""
+    import torch
 
     usable = (~(logits.isnan() | logits.isposinf()).any(dim=-1)) & logits.isfinite().any(dim=-1)
-    greedy = logits.argmax(dim=-1).tolist()
-    ok = usable.tolist()
+    greedy, ok = torch.stack([logits.argmax(dim=-1), usable.long()]).tolist()  # one device sync
     out: list[int | RowFailure] = []
     for i, p in enumerate(params):
         if not ok[i]:
@@ -79,7 +80,7 @@ def _sample(row, p: SamplingParams, generator) -> int | RowFailure:
     probs = torch.softmax(scaled, dim=-1)
     if p.top_p < 1.0:
         probs = _top_p(probs, p.top_p)
-    if not bool(probs.isfinite().all()) or not float(probs.sum()) > 0.0:
+    if bool(~probs.isfinite().all() | ~(probs.sum() > 0)):  # e.g. an infinite temperature
         return RowFailure(f"sampling at temperature {p.temperature:g} gave no usable probabilities")
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
