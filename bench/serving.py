@@ -32,6 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from sllm.serve.auth import instance_headers
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "serve"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,8 +156,11 @@ def cold_start(server: ServerProcess, model: str) -> dict:
 
 def hot_load(server: ServerProcess, model: str, new_path: str, other_path: str) -> dict:
     def health() -> dict:
-        port = server.deployment(model)["instances"][0]["port"]
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).json()
+        inst = server.deployment(model)["instances"][0]
+        headers = instance_headers(inst["pid"])  # an instance answers only with its secret
+        return httpx.get(
+            f"http://127.0.0.1:{inst['port']}/health", headers=headers, timeout=30
+        ).json()
 
     added = deploy_adapter(server, model, "hot", new_path)
     engine_add = health()["adapters"]["hot"]["load_seconds"]
@@ -183,8 +188,9 @@ def run_mode(server, model, adapters, batch, args) -> dict:
     result["load"] = asyncio.run(
         load(server.url, model, args.clients, args.requests_per_client, args.max_tokens)
     )
-    port = server.deployment(model)["instances"][0]["port"]
-    result["engine_stats"] = httpx.get(f"http://127.0.0.1:{port}/health").json()["stats"]
+    inst = server.deployment(model)["instances"][0]
+    url = f"http://127.0.0.1:{inst['port']}/health"
+    result["engine_stats"] = httpx.get(url, headers=instance_headers(inst["pid"])).json()["stats"]
     return result
 
 

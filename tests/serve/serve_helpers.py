@@ -23,6 +23,22 @@ def make_random_adapter(base_dir: Path, out: Path, seed: int, targets=("q_proj",
     return out
 
 
+def nan_copy(adapter: Path, out: Path) -> Path:
+    """A copy of `adapter` whose first LoRA matrix holds a NaN (as a diverged job leaves it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone()
+    tensors[first].view(-1)[0] = float("nan")
+    save_file(tensors, weights)
+    return out
+
+
 class Collector:
     """An engine `emit` callback that a test can wait on."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from serve_helpers import Collector, make_random_adapter
+from serve_helpers import Collector, make_random_adapter, nan_copy
 
 from sllm.errors import InvalidRequestError, NotFoundError
 from sllm.serve.decoding import SamplingParams
@@ -166,6 +166,10 @@ def test_unload_and_errors(tiny, engine):
         engine.load_adapter("w", str(tiny["wrong"]))
     with pytest.raises(InvalidRequestError, match="adapter_config.json"):
         engine.load_adapter("x", str(tiny["base"]))
+    nan = nan_copy(tiny["c"], tiny["c"].parent / "c-nan")
+    with pytest.raises(InvalidRequestError, match="non-finite weights"):
+        engine.load_adapter("n", str(nan))
+    assert "n" not in engine.adapters.names()
     with pytest.raises(InvalidRequestError, match="context"):
         engine.submit(list(range(5)) * 200, greedy(), Collector())
     engine.unload_adapter("a")  # the last one stays loaded (peft needs one), but unnamed
@@ -186,3 +190,71 @@ def test_opt_model_batches_too(tmp_path):
         assert alone[0] != run(eng, PROMPTS[0], None).text
     finally:
         eng.close()
+
+
+def _poison(engine, name):
+    """Make a loaded adapter's LoRA weights NaN in place (as a diverged job's would be)."""
+    import torch
+
+    internal = engine.adapters.get(name).internal
+    with torch.no_grad():
+        for key, param in engine.peft.named_parameters():
+            if f".{internal}." in key:
+                param.fill_(float("nan"))
+
+
+def test_a_degenerate_row_fails_alone_in_its_batch(tiny, engine):
+    engine.load_adapter("nan", str(tiny["c"]))
+    _poison(engine, "nan")
+    tiny_t = SamplingParams(max_tokens=12, temperature=1e-300)  # decodes greedily
+    seeded = SamplingParams(max_tokens=12, temperature=0.9, seed=3)
+    jobs = [
+        (PROMPTS[0], None, None),
+        (PROMPTS[1], "a", None),
+        (PROMPTS[2], "nan", None),
+        (PROMPTS[3], None, tiny_t),
+        (PROMPTS[4], "nan", seeded),
+        (PROMPTS[4], "b", seeded),
+    ]
+    alone = {i: run(engine, *jobs[i]).text for i in (0, 1, 5)}
+    prefills, failures = engine.stats["prefills"], engine.stats["row_failures"]
+    collectors = []
+    with engine._cond:  # the engine thread waits: every row is admitted into ONE prefill
+        for prompt, adapter, params in jobs:
+            c = Collector()
+            engine.submit(encode_prompt(engine.tokenizer, prompt), params or greedy(), c, adapter)
+            collectors.append(c)
+    results = [c.wait() for c in collectors]
+    assert engine.stats["prefills"] == prefills + 1  # one forward pass held them all
+    assert engine.stats["row_failures"] == failures + 2
+    for i in (0, 1, 5):  # greedy and seeded rows beside the failing ones are unchanged
+        assert results[i].done["type"] == "done" and results[i].text == alone[i]
+    for i in (2, 4):
+        assert results[i].done["type"] == "error" and results[i].done["kind"] == "row"
+        assert "non-finite" in results[i].done["message"] and "'nan'" in results[i].done["message"]
+    assert results[3].done["type"] == "done"
+    assert results[3].text == run(engine, PROMPTS[3], None).text  # tiny temperature: greedy
+    assert engine.in_flight() == 0
+    assert run(engine, PROMPTS[0], None).text == alone[0]  # the engine keeps serving
+
+
+def test_a_row_that_turns_non_finite_mid_decode_leaves_alone(tiny, engine):
+    engine.load_adapter("late", str(tiny["c"]))
+    base_alone = run(engine, PROMPTS[1], None, greedy(40)).text
+    a_alone = run(engine, PROMPTS[2], "a", greedy(40)).text
+    rows = [Collector(), Collector(), Collector()]
+    with engine._cond:
+        for c, (prompt, adapter) in zip(
+            rows, [(PROMPTS[1], None), (PROMPTS[0], "late"), (PROMPTS[2], "a")], strict=True
+        ):
+            engine.submit(encode_prompt(engine.tokenizer, prompt), greedy(40), c, adapter)
+    steps = engine.stats["steps"]
+    while engine.stats["steps"] < steps + 3:  # all three are decoding now
+        time.sleep(0.0005)
+    with engine._model_lock:  # between two steps, the adapter's weights go NaN
+        _poison(engine, "late")
+    base, late, other = (c.wait() for c in rows)
+    assert late.done["type"] == "error" and "non-finite" in late.done["message"]
+    assert late.text  # it had produced text before its weights went bad
+    assert base.done["finish_reason"] == "length" and base.text == base_alone
+    assert other.done["finish_reason"] == "length" and other.text == a_alone

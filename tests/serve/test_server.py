@@ -15,6 +15,8 @@ import httpx
 import pytest
 from serve_helpers import LLAMA, OPT, peft_generate
 
+from sllm.serve.auth import auth_headers, instance_headers, secret_of
+
 pytestmark = pytest.mark.slow
 
 QUESTION = "Question: What is the capital of France? Answer:"
@@ -36,7 +38,8 @@ def text_of(server, model, adapter=None, prompt=QUESTION, n=12) -> str:
 
 def instance_health(server, model) -> dict:
     inst = server.deployment(model)["instances"][0]
-    return httpx.get(f"http://127.0.0.1:{inst['port']}/health", timeout=10).json()
+    headers = instance_headers(inst["pid"])
+    return httpx.get(f"http://127.0.0.1:{inst['port']}/health", headers=headers, timeout=10).json()
 
 
 def assert_error(r: httpx.Response, status: int, type_: str | None = None) -> dict:
@@ -71,6 +74,21 @@ def test_seed_commands_deploy_and_chat(world):
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_an_instance_port_answers_only_its_server(world):
+    (inst,) = world.server.deployment(OPT)["instances"]
+    url = f"http://127.0.0.1:{inst['port']}"
+    secret = secret_of(inst["pid"])
+    assert secret not in open(f"/proc/{inst['pid']}/cmdline").read()  # not visible in `ps`
+    body = {"prompt": "Hello", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": secret}):
+        assert_error(httpx.get(f"{url}/health", headers=headers), 401, "authentication_error")
+        r = httpx.post(f"{url}/generate", json=body, headers=headers)
+        assert_error(r, 401, "authentication_error")
+    good = httpx.get(f"{url}/health", headers=auth_headers(secret), timeout=10)
+    assert good.status_code == 200 and "my_adapter" in good.json()["adapters"]
+    assert text_of(world.server, OPT, "my_adapter")  # the server itself still gets through
 
 
 def test_models_list_shows_adapters_with_parent(world):
@@ -252,6 +270,31 @@ def test_http_errors_are_openai_shaped(world):
     assert_error(c.post("/v1/completions", json=long_prompt), 400)  # before the stream starts
     assert_error(c.post("/v1/deployments", json={"model": LLAMA, "max_instances": 0}), 400)
     assert_error(c.delete("/v1/deployments/nope"), 404)
+
+
+def test_hostile_numbers_are_400_and_a_degenerate_row_hurts_no_one(world):
+    c = world.server.client
+
+    def post(path: str, body: dict) -> httpx.Response:  # json.dumps writes Infinity and NaN
+        headers = {"content-type": "application/json"}
+        return c.post(path, content=json.dumps(body), headers=headers)
+
+    before = world.server.deployment(LLAMA)["config"]
+    for bad in ({"keep_alive": float("inf")}, {"queue_timeout": float("nan")}, {"num_cpus": 2**64}):
+        err = assert_error(post("/v1/deployments", {"model": LLAMA, **bad}), 400)
+        assert err["param"] == next(iter(bad))
+    assert world.server.deployment(LLAMA)["config"] == before  # nothing was stored
+    msgs = [{"role": "user", "content": "Hi"}]
+    for bad in ({"temperature": float("inf")}, {"seed": 2**64}, {"max_tokens": 10**9}):
+        body = {"model": LLAMA, "messages": msgs, **bad}
+        assert assert_error(post("/v1/chat/completions", body), 400)["param"] == next(iter(bad))
+    greedy = {"model": LLAMA, "prompt": "Hello", "max_tokens": 24, "temperature": 0}
+    alone = c.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
+    tiny_t = {**greedy, "temperature": 1e-300, "seed": 1}
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: c.post("/v1/completions", json=b), [greedy, tiny_t] * 2))
+    assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+    assert {r.json()["choices"][0]["text"] for r in results} == {alone}  # 1e-300 is greedy
 
 
 def test_overload_is_429_with_retry_after(world):

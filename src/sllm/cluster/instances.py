@@ -24,6 +24,7 @@ from sllm.cluster.runner import FORWARDED_ENV, node_env
 from sllm.jobs.launcher import tail
 from sllm.jobs.resources import Allocation
 from sllm.procgroup import spawn, stop_group
+from sllm.serve.auth import SECRET_ENV, new_secret
 from sllm.serve.process import instance_args
 
 POLL_S = 0.05
@@ -105,6 +106,7 @@ class RayInstanceProcess:
         self._pid: int | None = None
         self._rc: int | None = None
         self.placement: dict[str, Any] | None = None
+        self.secret = new_secret()  # reaches the node in the actor call, never on a command line
 
     @property
     def pid(self) -> int | None:
@@ -128,6 +130,7 @@ class RayInstanceProcess:
         args = instance_args(storage, model, self.ready_file, alloc, max_batch_size, dtype)
         paths = {"log": str(self.log_path), "ready": str(self.ready_file)}
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        forwarded[SECRET_ENV] = self.secret
         started = self._actor.start.remote(args, paths, alloc.cpus, forwarded)
         try:
             self.placement = ray.get(started, timeout=PLACE_TIMEOUT_S)

@@ -152,6 +152,48 @@ def check_shapes(model: Any, path: str | Path) -> None:
                 )
 
 
+def check_finite_weights(path: str | Path) -> None:
+    """Refuse an adapter whose weights hold NaN or Inf (its job diverged): served, it would
+    answer garbage or fail every request that names it. Reads each tensor once, on the CPU."""
+    import torch
+
+    p = Path(path)
+    try:
+        for key, tensor in _adapter_tensors(p):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise InvalidRequestError(
+                    f"The adapter at {p} holds non-finite weights ({bad} NaN/Inf values in "
+                    f"{key}), so it cannot be served; its training diverged: train it again, "
+                    "e.g. with a lower learning rate.",
+                    param="path",
+                )
+    except InvalidRequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: say so, do not crash
+        raise InvalidRequestError(
+            f"Cannot read the adapter weights at {p}: {type(exc).__name__}.", param="path"
+        ) from None
+
+
+def _adapter_tensors(path: Path):
+    """(name, tensor) of the adapter's weights file, safetensors or a torch pickle."""
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+        return
+    legacy = path / "adapter_model.bin"
+    if legacy.is_file():
+        import torch
+
+        state = torch.load(legacy, map_location="cpu", weights_only=True)
+        yield from ((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
 def _shape_problem(modules: dict[str, Any], key: str, shape: list[int]) -> str | None:
     for kind in ("lora_A", "lora_B"):
         marker = f".{kind}."
@@ -191,6 +233,7 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def resolve_adapter_path(storage: Path, name: str, path: str) -> Path:
     """`path` under `$STORAGE_PATH/transformers` (absolute paths inside it are accepted too)."""
     from sllm.paths import backend_root, resolve_inside
+    from sllm.serve.fields import check_store_path
 
     root = backend_root(Path(storage)).resolve()
     param = f"lora_adapters.{name}"
@@ -204,6 +247,11 @@ def resolve_adapter_path(storage: Path, name: str, path: str) -> Path:
                 param=param,
             ) from None
     target = resolve_inside(root, raw, param=param)
+    try:  # the path as given and where it leads (symlinks) both stay clear of store internals
+        check_store_path(raw)
+        check_store_path(target.relative_to(root).as_posix())
+    except ValueError as exc:
+        raise InvalidRequestError(f"`{param}`: {exc}.", param=param) from None
     if not target.is_dir():
         raise NotFoundError(f"`{param}`: no adapter directory at {target}.", param=param)
     return target

@@ -43,9 +43,14 @@ class GenerationStream:
 
     @classmethod
     async def open(
-        cls, client: httpx.AsyncClient, url: str, payload: dict, on_close: Callable[[], None]
+        cls,
+        client: httpx.AsyncClient,
+        url: str,
+        payload: dict,
+        on_close: Callable[[], None],
+        headers: dict[str, str] | None = None,
     ) -> GenerationStream:
-        request = client.build_request("POST", f"{url}/generate", json=payload)
+        request = client.build_request("POST", f"{url}/generate", json=payload, headers=headers)
         try:
             response = await client.send(request, stream=True)
         except httpx.TransportError as exc:

@@ -2,6 +2,12 @@
 
 Every row of a batch keeps its own `torch.Generator` (seeded from the request's `seed`), so a
 seeded request samples the same tokens whether it runs alone or beside others.
+
+Each row's choice is its own: a row whose scores are not usable (NaN or +Inf logits, e.g. from an
+adapter whose weights went non-finite) gets a `RowFailure` instead of a token, and the other rows
+of the batch go on untouched. Temperatures below `GREEDY_BELOW` are greedy (as in vLLM): dividing
+by them only amplifies float noise, and `1e-300` would overflow to Inf. Sampling scales the
+logits after subtracting their maximum, so no finite temperature can overflow.
 """
 
 from __future__ import annotations
@@ -12,6 +18,12 @@ from typing import Any
 # A UTF-8 character spans at most 4 byte tokens; text that still ends in U+FFFD after that many
 # tokens holds invalid bytes for good and is sent as it is (else it would wait until the end).
 MAX_CHAR_TOKENS = 4
+# Temperatures below this decode greedily (documented in the wire model and the README).
+GREEDY_BELOW = 1e-5
+
+
+class RowFailure(str):
+    """What `choose_tokens` returns for a row it cannot decode: the reason, for that request."""
 
 
 @dataclass
@@ -24,7 +36,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return not self.temperature >= GREEDY_BELOW  # NaN, too: never divide by it
 
 
 def make_generator(params: SamplingParams, device: Any):
@@ -41,21 +53,36 @@ def make_generator(params: SamplingParams, device: Any):
     return gen
 
 
-def choose_tokens(logits, params: list[SamplingParams], generators: list) -> list[int]:
-    """Next token of every row: argmax for greedy rows, top-p sampling with the row's generator."""
+def choose_tokens(logits, params: list[SamplingParams], generators: list) -> list[int | RowFailure]:
+    """Next token of every row: argmax for greedy rows, top-p sampling with the row's generator;
+    a `RowFailure` for a row whose logits or probabilities are not finite (-Inf alone marks an
+    impossible token; NaN, +Inf or a row without any finite score is unusable)."""
     import torch
 
-    greedy = logits.argmax(dim=-1).tolist()
-    out = []
+    usable = (~(logits.isnan() | logits.isposinf()).any(dim=-1)) & logits.isfinite().any(dim=-1)
+    greedy, ok = torch.stack([logits.argmax(dim=-1), usable.long()]).tolist()  # one device sync
+    out: list[int | RowFailure] = []
     for i, p in enumerate(params):
-        if p.greedy:
+        if not ok[i]:
+            out.append(RowFailure("the model produced non-finite scores (NaN or Inf)"))
+        elif p.greedy:
             out.append(int(greedy[i]))
-            continue
-        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            probs = _top_p(probs, p.top_p)
-        out.append(int(torch.multinomial(probs, 1, generator=generators[i]).item()))
+        else:
+            out.append(_sample(logits[i].float(), p, generators[i]))
     return out
+
+
+def _sample(row, p: SamplingParams, generator) -> int | RowFailure:
+    """Top-p sampling of one row; logits minus their max are <= 0, so scaling cannot overflow."""
+    import torch
+
+    scaled = (row - row.max()) / p.temperature
+    probs = torch.softmax(scaled, dim=-1)
+    if p.top_p < 1.0:
+        probs = _top_p(probs, p.top_p)
+    if bool(~probs.isfinite().all() | ~(probs.sum() > 0)):  # e.g. an infinite temperature
+        return RowFailure(f"sampling at temperature {p.temperature:g} gave no usable probabilities")
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def _top_p(probs, top_p: float):

@@ -23,19 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.jobs.resources import ResourcePool, require_fit
 from sllm.serve.adapters import (
     adapter_fingerprint,
     check_adapter_dir,
+    check_finite_weights,
     check_fits_base,
     resolve_adapter_path,
 )
 from sllm.serve.client import GenerationStream
 from sllm.serve.errors import InstanceError
+from sllm.serve.fields import ADAPTER_NAME_RE
 from sllm.serve.protocol import (
-    ADAPTER_NAME_RE,
     DeleteResponse,
     DeploymentConfig,
     DeploymentList,
@@ -122,7 +124,15 @@ class DeploymentService(Scaler):
             resolved = resolve_adapter_path(self.storage, name, path)
             adapters[name] = resolved.relative_to(self.root).as_posix()
         merged["lora_adapters"] = adapters
-        config = DeploymentConfig.model_validate(merged)
+        try:  # the request is valid on its own; what it merges with may not be (old rows)
+            config = DeploymentConfig.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "model"
+            raise InvalidRequestError(
+                f"`{field}`: {err['msg']} (in the deployment's merged settings); set it again.",
+                param=field,
+            ) from None
         self._check_config(config)
         return config
 
@@ -162,6 +172,7 @@ class DeploymentService(Scaler):
             try:
                 adapter_config = check_adapter_dir(path)
                 check_fits_base(model_dir, path, adapter_config)
+                check_finite_weights(path)
             except InvalidRequestError as exc:
                 raise InvalidRequestError(
                     f"`lora_adapters.{name}`: {exc.message}", param=f"lora_adapters.{name}"
@@ -264,7 +275,7 @@ class DeploymentService(Scaler):
                 await self._current_adapter(dep, inst, adapter)
             body = {**payload, "adapter": adapter}
             return await GenerationStream.open(
-                self._client(), inst.url, body, lambda: self.release(inst)
+                self._client(), inst.url, body, lambda: self.release(inst), inst.headers
             )
         except BaseException:
             self.release(inst)

@@ -11,7 +11,11 @@ Events reach each request through its `emit` callback (called on the engine thre
     {"type": "text", "text": "..."}                      text that is final (stop strings held)
     {"type": "done", "finish_reason": "stop" | "length" | "cancelled",
      "prompt_tokens": n, "completion_tokens": m}
-    {"type": "error", "message": "..."}                  the batch failed; nothing more follows
+    {"type": "error", "message": "..."}                  it failed; nothing more follows
+
+A row whose scores are not finite (see `decoding.choose_tokens`) fails alone: it gets its error
+event and leaves the batch; the other rows decode on, unchanged. Only an exception of the forward
+pass itself fails the whole batch.
 """
 
 from __future__ import annotations
@@ -24,9 +28,22 @@ from collections.abc import Callable
 from typing import Any
 
 from sllm.errors import InvalidRequestError
-from sllm.serve.adapters import AdapterSet, AdapterVersion, check_adapter_dir, check_shapes, timed
+from sllm.serve.adapters import (
+    AdapterSet,
+    AdapterVersion,
+    check_adapter_dir,
+    check_finite_weights,
+    check_shapes,
+    timed,
+)
 from sllm.serve.batch import BASE, AdapterRouter, Batch, Row, left_padded, run_forward
-from sllm.serve.decoding import SamplingParams, TextTracker, choose_tokens, make_generator
+from sllm.serve.decoding import (
+    RowFailure,
+    SamplingParams,
+    TextTracker,
+    choose_tokens,
+    make_generator,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048
@@ -62,6 +79,7 @@ class Engine:
         self.router = AdapterRouter()
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "mixed_steps": 0, "requests": 0}
         self.stats["joins"] = 0
+        self.stats["row_failures"] = 0
         self._model_lock = threading.Lock()
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
@@ -137,6 +155,7 @@ class Engine:
             return {"name": name, "status": "unchanged", "load_seconds": 0.0}
         check_adapter_dir(path)
         check_shapes(self.base, path)
+        check_finite_weights(path)
         internal = self.adapters.next_internal()
         with self._model_lock:
             _, seconds = timed(self._load_into_model, internal, path)
@@ -220,7 +239,7 @@ class Engine:
         logits, cache = self._forward(ids, mask, pos, None, [r.adapter_key for r in rows])
         batch = Batch(rows, cache, mask, last=None, pos=pos[:, -1])
         tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
-        batch.advance(tokens)
+        batch.advance(self._feed(tokens))
         self.stats["prefills"] += 1
         self._accept(rows, tokens)
         if self._running is None:
@@ -237,15 +256,22 @@ class Engine:
         logits, batch.cache = self._forward(ids, mask, pos, batch.cache, names)
         rows = batch.rows
         tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
-        batch.advance(tokens)
+        batch.advance(self._feed(tokens))
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         self.stats["mixed_steps"] += len(set(names)) > 1
         self._accept(rows, tokens)
         self._evict()
 
-    def _accept(self, rows: list[Row], tokens: list[int]) -> None:
+    def _feed(self, tokens: list[int | RowFailure]) -> list[int]:
+        """The tokens each row feeds next; a failed row (leaving at once) feeds padding."""
+        return [self.pad_id if isinstance(t, RowFailure) else t for t in tokens]
+
+    def _accept(self, rows: list[Row], tokens: list[int | RowFailure]) -> None:
         for row, token in zip(rows, tokens, strict=True):
+            if isinstance(token, RowFailure):
+                self._fail_row(row, token)
+                continue
             if row.cancelled:
                 row.finish_reason = "cancelled"
             else:
@@ -279,6 +305,22 @@ class Engine:
                 "finish_reason": row.finish_reason,
                 "prompt_tokens": len(row.prompt_ids),
                 "completion_tokens": row.generated,
+            }
+        )
+        self._release(row)
+
+    def _fail_row(self, row: Row, reason: str) -> None:
+        """End one row with an error; it leaves the batch at the next eviction."""
+        self.stats["row_failures"] += 1
+        used = f"the adapter {row.version.name!r}" if row.version else "the base model"
+        log.warning("request %s failed alone (%s): %s", row.id, used, reason)
+        row.finish_reason = "error"
+        row.emit(
+            {
+                "type": "error",
+                "message": f"Generation failed for this request with {used}: {reason}. "
+                "Other requests were not affected.",
+                "kind": "row",
             }
         )
         self._release(row)

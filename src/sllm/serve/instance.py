@@ -11,8 +11,11 @@ on 127.0.0.1 (or `--host`) at an ephemeral port, which it announces by writing `
                                 stop, seed}: NDJSON events, first {"type": "start",
                                 "prompt_tokens": n}, then the engine's events (see engine.py)
 
-Errors use the server's OpenAI-style bodies and status codes. It runs in its own process group,
-pinned by `worker_env`, and dies with the server (PR_SET_PDEATHSIG).
+Every request must carry the secret the server put in `$SLLM_INSTANCE_SECRET` as
+`Authorization: Bearer ...` (`sllm.serve.auth`); without it the answer is 401, so a local user
+cannot drive the instance directly. Errors use the server's OpenAI-style bodies and status codes.
+It runs in its own process group, pinned by `worker_env`, and dies with the server
+(PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -27,39 +30,59 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sllm.serve.fields import (
+    MAX_PATH_CHARS,
+    MAX_STOPS,
+    AdapterName,
+    MaxTokens,
+    Seed,
+    StopString,
+    Temperature,
+    Text,
+    TopP,
+    check_name_chars,
+)
 
 log = logging.getLogger("sllm.instance")
 
 
 class GenerateBody(BaseModel):
+    """What the server forwards; checked again here, as the instance trusts nobody's numbers."""
+
     model_config = ConfigDict(extra="forbid")
 
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    adapter: str | None = None
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    messages: list[dict[str, Text]] | None = Field(None, max_length=4096)
+    prompt: Text | None = None
+    adapter: AdapterName | None = None
+    max_tokens: MaxTokens = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOPS)
+    seed: Seed | None = None
+
+
+CleanString = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_name_chars)]
 
 
 class AdapterBody(BaseModel):
-    name: str
-    path: str
-    fingerprint: str = ""
+    name: AdapterName
+    path: CleanString = Field(min_length=1)
+    fingerprint: CleanString = ""
 
 
-def create_instance_app(engine: Any, model_name: str, on_ready=None):
+def create_instance_app(engine: Any, model_name: str, secret: str, on_ready=None):
+    """The instance's HTTP API; every request must carry `secret` (see `sllm.serve.auth`)."""
     from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import StreamingResponse
 
     from sllm.api.errors import install_error_handlers
     from sllm.errors import InvalidRequestError
+    from sllm.serve.auth import RequireSecret
     from sllm.serve.decoding import SamplingParams
     from sllm.serve.prompts import encode_chat, encode_prompt
 
@@ -70,6 +93,7 @@ def create_instance_app(engine: Any, model_name: str, on_ready=None):
         yield
 
     app = FastAPI(title=f"sllm instance {model_name}", lifespan=lifespan)
+    app.add_middleware(RequireSecret, secret=secret)
     install_error_handlers(app)
 
     @app.get("/health")
@@ -176,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from sllm.jobs.worker import die_with_parent
+    from sllm.serve.auth import take_secret_from_env
 
+    secret = take_secret_from_env()  # first: refuse to load a model nobody may call
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.monotonic()
@@ -196,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"port": port, "pid": os.getpid(), "load_seconds": load_seconds}
         write_ready(args.ready_file, info)
 
-    app = create_instance_app(engine, args.model, on_ready)
+    app = create_instance_app(engine, args.model, secret, on_ready)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])

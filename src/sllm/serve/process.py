@@ -1,4 +1,8 @@
-"""The server's handle on one instance process: spawn it, wait until it serves, stop its group."""
+"""The server's handle on one instance process: spawn it, wait until it serves, stop its group.
+
+Each handle holds the instance's secret (`sllm.serve.auth`), made when the handle is, passed in
+the instance's environment, and sent by the server on every call to it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 from sllm.jobs.launcher import tail, worker_env
 from sllm.jobs.resources import Allocation
 from sllm.procgroup import spawn, stop_group
+from sllm.serve.auth import SECRET_ENV, new_secret
 
 
 class InstanceStartError(Exception):
@@ -40,6 +45,7 @@ class InstanceProcess:
         self.ready_file = workdir / f"{name}.ready.json"
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self.secret = new_secret()
 
     @property
     def pid(self) -> int | None:
@@ -52,6 +58,7 @@ class InstanceProcess:
         self.ready_file.unlink(missing_ok=True)
         env = worker_env(alloc)
         env["SLLM_PARENT_PID"] = str(os.getpid())
+        env[SECRET_ENV] = self.secret
         cmd = [sys.executable, "-m", "sllm.serve.instance"]
         cmd += instance_args(storage, model, self.ready_file, alloc, max_batch_size, dtype)
         self.proc = spawn(cmd, env=env, log_path=self.log_path)

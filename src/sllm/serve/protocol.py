@@ -2,17 +2,42 @@
 
 Requests ignore unknown fields (OpenAI clients send extras such as `user`), but every field we
 read is checked; options we cannot honour (`n` > 1, `logprobs`, `echo`, ...) are refused with a
-400 that names them rather than silently ignored.
+400 that names them rather than silently ignored. Every float is finite, every integer bounded,
+every string valid Unicode, and names and paths are length-limited and clean (`sllm.serve.fields`).
+
+`temperature` below 1e-5 (including 0) decodes greedily, as in vLLM: a smaller divisor only
+amplifies float noise, and one like 1e-300 would overflow the scores (`sllm.serve.decoding`).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+from sllm.serve.fields import (
+    MAX_ADAPTERS,
+    MAX_CONCURRENCY,
+    MAX_CPUS,
+    MAX_GPUS,
+    MAX_INSTANCES,
+    MAX_QUEUE,
+    MAX_QUEUE_SECONDS,
+    MAX_SECONDS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    AdapterName,
+    AdapterPath,
+    FiniteFloat,
+    MaxTokens,
+    ModelName,
+    Seed,
+    Temperature,
+    Text,
+    TopP,
+    check_text,
+)
+
 DEFAULT_CHAT_MAX_TOKENS = 256
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
@@ -29,19 +54,23 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, description="A deployed model, or one of its adapters.")
-    max_tokens: StrictInt | None = Field(None, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    seed: StrictInt | None = Field(None, description="Makes sampling reproducible.")
+    model: ModelName = Field(description="A deployed model, or one of its adapters.")
+    max_tokens: MaxTokens | None = Field(None, description="Tokens to generate at most.")
+    temperature: Temperature = Field(1.0, description="0 (or below 1e-5) means greedy.")
+    top_p: TopP = 1.0
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOPS} stop strings of {MAX_STOP_CHARS} characters."
+    )
+    seed: Seed | None = Field(None, description="Makes sampling reproducible (0 .. 2**63-1).")
     n: StrictInt = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    lora_adapter_name: str | None = Field(None, description="Adapter to use; absent: base model.")
+    lora_adapter_name: AdapterName | None = Field(
+        None, description="Adapter to use; absent: base model."
+    )
     logprobs: Any = Field(None, description="Not supported; must be absent, null or false.")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Only 0 is supported.")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Only 0 is supported.")
+    presence_penalty: FiniteFloat = Field(0.0, ge=0.0, le=0.0, description="Only 0 is supported.")
+    frequency_penalty: FiniteFloat = Field(0.0, ge=0.0, le=0.0, description="Only 0 is supported.")
 
     @field_validator("stop")
     @classmethod
@@ -49,10 +78,14 @@ class SamplingFields(BaseModel):
         if v is None:
             return None
         stops = [v] if isinstance(v, str) else list(v)
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings are allowed")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are allowed")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        for stop in stops:
+            check_text(stop)
         return stops or None
 
     @field_validator("logprobs")
@@ -68,7 +101,7 @@ class SamplingFields(BaseModel):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -76,6 +109,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _clean(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        return check_text(v) if isinstance(v, str) else v
 
     def text(self) -> str:
         if self.content is None:
@@ -86,8 +124,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: MaxTokens | None = None
 
     def token_limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
@@ -106,7 +144,7 @@ class CompletionRequest(SamplingFields):
             if len(v) != 1:
                 raise ValueError("exactly one prompt is supported per request")
             v = v[0]
-        return v
+        return check_text(v)
 
     @field_validator("echo")
     @classmethod
@@ -218,46 +256,70 @@ class DeployRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, description="Base model in the store.")
+    model: ModelName = Field(description="Base model in the store.")
     backend: Literal["transformers"] = "transformers"
-    num_cpus: StrictInt | None = Field(None, ge=1, description="CPU cores per instance (1).")
-    num_gpus: StrictInt | None = Field(None, ge=0, description="GPUs per instance (0).")
-    min_instances: StrictInt | None = Field(None, ge=0, description="Instances kept warm (0).")
-    max_instances: StrictInt | None = Field(None, ge=1, description="Instances at most (1).")
-    keep_alive: float | None = Field(None, ge=0, description="Idle seconds before exit (60).")
+    num_cpus: StrictInt | None = Field(
+        None, ge=1, le=MAX_CPUS, description="CPU cores per instance (1)."
+    )
+    num_gpus: StrictInt | None = Field(
+        None, ge=0, le=MAX_GPUS, description="GPUs per instance (0)."
+    )
+    min_instances: StrictInt | None = Field(
+        None, ge=0, le=MAX_INSTANCES, description="Instances kept warm (0)."
+    )
+    max_instances: StrictInt | None = Field(
+        None, ge=1, le=MAX_INSTANCES, description="Instances at most (1)."
+    )
+    keep_alive: FiniteFloat | None = Field(
+        None, ge=0, le=MAX_SECONDS, description="Idle seconds before exit (60; at most a week)."
+    )
     target_concurrency: StrictInt | None = Field(
-        None, ge=1, description="Requests per instance before another starts (max_batch_size)."
+        None,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description="Requests per instance before another starts (max_batch_size).",
     )
     max_batch_size: StrictInt | None = Field(None, ge=1, le=256, description="Rows per batch (8).")
     max_queue: StrictInt | None = Field(
-        None, ge=0, description="Requests that may wait for a busy deployment before 429 (64)."
+        None,
+        ge=0,
+        le=MAX_QUEUE,
+        description="Requests that may wait for a busy deployment before 429 (64).",
     )
-    queue_timeout: float | None = Field(
-        None, gt=0, description="Seconds a queued request waits before 503 (60)."
+    queue_timeout: FiniteFloat | None = Field(
+        None,
+        gt=0,
+        le=MAX_QUEUE_SECONDS,
+        description="Seconds a queued request waits before 503 (60; at most a day).",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = Field(
         None, description="Weights dtype; auto: float32 on CPU, stored dtype on GPU."
     )
     enable_lora: StrictBool | None = None
-    lora_adapters: dict[str, str] = Field(
-        default_factory=dict, description="name -> path under $STORAGE_PATH/transformers."
+    lora_adapters: dict[AdapterName, AdapterPath] = Field(
+        default_factory=dict,
+        max_length=MAX_ADAPTERS,
+        description="name -> path under $STORAGE_PATH/transformers.",
     )
 
 
 class DeploymentConfig(BaseModel):
-    """The complete settings of a deployment (what `DeployRequest` fills in)."""
+    """The complete settings of a deployment (what `DeployRequest` fills in). Its numbers are
+    finite, so its JSON (what the registry stores) never holds `null` for one."""
+
+    model_config = ConfigDict(validate_assignment=True)
 
     model: str
     backend: str = "transformers"
-    num_cpus: int = 1
-    num_gpus: int = 0
-    min_instances: int = 0
-    max_instances: int = 1
-    keep_alive: float = 60.0
-    target_concurrency: int | None = None
-    max_batch_size: int = 8
-    max_queue: int = 64
-    queue_timeout: float = 60.0
+    num_cpus: int = Field(1, ge=1)
+    num_gpus: int = Field(0, ge=0)
+    min_instances: int = Field(0, ge=0)
+    max_instances: int = Field(1, ge=1)
+    keep_alive: float = Field(60.0, ge=0, allow_inf_nan=False)
+    target_concurrency: int | None = Field(None, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=0)
+    queue_timeout: float = Field(60.0, gt=0, allow_inf_nan=False)
     dtype: str = "auto"
     enable_lora: bool = False
     lora_adapters: dict[str, str] = Field(default_factory=dict)

@@ -2,17 +2,25 @@
 
 Table `deployments(model PRIMARY KEY, config JSON, created_time, updated_time)`, beside the
 job tables in the same database (WAL; a separate connection, used under one lock).
+
+A config is validated again before it is written (its numbers are finite, so its JSON holds no
+`null` for one: an older version stored `keep_alive: Infinity` as `null`, and the deployment
+vanished at the next restart). Unset optional fields are left out rather than written as `null`;
+a stored `null` (from that older version) falls back to the field's default, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from sllm.serve.protocol import DeploymentConfig
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -34,12 +42,15 @@ class DeploymentRegistry:
             self._conn.execute(_SCHEMA)
 
     def save(self, config: DeploymentConfig, created_time: float) -> None:
+        """Store `config`; raises `ValueError` (nothing written) if it does not validate."""
+        checked = DeploymentConfig.model_validate(config.model_dump())
+        raw = checked.model_dump_json(exclude_none=True)
         with self._lock, self._conn:
             self._conn.execute(
                 "INSERT INTO deployments (model, config, created_time, updated_time) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT(model) DO UPDATE SET "
                 "config = excluded.config, updated_time = excluded.updated_time",
-                (config.model, config.model_dump_json(), created_time, time.time()),
+                (checked.model, raw, created_time, time.time()),
             )
 
     def delete(self, model: str) -> None:
@@ -63,9 +74,20 @@ def _parse(rows) -> list[tuple[DeploymentConfig, float]]:
     out = []
     for raw, created in rows:
         try:
-            out.append((DeploymentConfig.model_validate(json.loads(raw)), created))
-        except ValueError:
-            continue  # written by an incompatible version: skip it, keep serving
+            stored = json.loads(raw)
+            fields = {k: v for k, v in stored.items() if v is not None}
+            config = DeploymentConfig.model_validate(fields)
+        except (ValueError, AttributeError) as exc:  # an incompatible version's row
+            log.warning("skipping a stored deployment that does not validate: %s", exc)
+            continue
+        nulls = sorted(set(stored) - set(fields))
+        if nulls:
+            log.warning(
+                "deployment %s: %s stored as null; using the defaults",
+                config.model,
+                ", ".join(nulls),
+            )
+        out.append((config, created))
     return out
 
 

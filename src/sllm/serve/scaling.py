@@ -273,7 +273,8 @@ class Scaler:
                     continue
                 body = {"name": name, "path": path, "fingerprint": fingerprint}
                 try:
-                    control(self._http, "POST", f"{inst.url}/adapters", json=body)
+                    url = f"{inst.url}/adapters"
+                    control(self._http, "POST", url, json=body, headers=inst.headers)
                     inst.loaded[name] = f"{path}|{fingerprint}"
                 except SllmError as exc:
                     errors[name] = exc.message
@@ -282,7 +283,8 @@ class Scaler:
 
     def _unload(self, inst: Instance, name: str) -> None:
         try:
-            control(self._http, "DELETE", f"{inst.url}/adapters/{name}")
+            url = f"{inst.url}/adapters/{name}"
+            control(self._http, "DELETE", url, headers=inst.headers)
         except SllmError:
             pass  # not loaded there (or the instance is gone): nothing to serve stale
         inst.loaded.pop(name, None)

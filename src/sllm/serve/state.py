@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from sllm.jobs.resources import Allocation
+from sllm.serve.auth import auth_headers
 from sllm.serve.process import InstanceProcess
 from sllm.serve.protocol import AdapterStatus, DeploymentConfig, DeploymentStatus, InstanceStatus
 
@@ -36,6 +37,11 @@ class Instance:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every call to the instance carries: its secret."""
+        return auth_headers(self.proc.secret)
 
     @property
     def live(self) -> bool:
