@@ -53,10 +53,13 @@ def test_strict_json_refuses(raw, says):
     assert says in info.value.message
 
 
-def test_strict_json_names_where_the_bad_string_is():
+def test_strict_json_names_where_the_bad_value_is():
     with pytest.raises(BadJSON) as info:
         parse_json(b'{"backend_config": {"training_config": {"run_name": "\\ud800"}}}')
     assert info.value.param == "backend_config.training_config.run_name"
+    with pytest.raises(BadJSON) as info:
+        parse_json(b'{"a": [1, {"lr": NaN}]}')
+    assert info.value.param == "a.1.lr" and info.value.message.startswith("`a.1.lr`: `NaN`")
 
 
 def test_strict_json_accepts_ordinary_bodies():
@@ -313,3 +316,23 @@ def test_config_strings_are_bounded(srv):
     cfg = job_config(srv.storage, num_cpus=1, output_dir="a/" + "b" * 300)
     _assert_error(srv.client.post("/v1/fine_tuning/jobs", json=cfg), 400, "longer than 255")
     assert _stored(srv) == before
+
+
+def test_the_cli_refuses_numbers_json_cannot_carry(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "sllm.cli.main", "deploy", "--model", "m", "--keep-alive", "inf"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "finite" in out.stderr and "Traceback" not in out.stderr
+    config = tmp_path / "dep.json"
+    config.write_text('{"model": "m", "keep_alive": Infinity}')
+    out = subprocess.run(
+        [sys.executable, "-m", "sllm.cli.main", "deploy", "--config", str(config)]
+        + ["--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "cannot send" in out.stderr and "Traceback" not in out.stderr

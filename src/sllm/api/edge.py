@@ -55,24 +55,29 @@ class BadJSON(ValueError):
         self.param = param
 
 
-def _refuse_constant(name: str) -> float:
-    raise BadJSON(f"`{name}` is not a number JSON allows; send a finite number.")
+class _Refused:
+    """A number the parser met that sllm refuses; the walk reports it with where it was."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-def _finite_float(text: str) -> float:
+def _refuse_constant(name: str) -> _Refused:
+    return _Refused(f"`{name}` is not a number JSON allows; send a finite number")
+
+
+def _finite_float(text: str) -> float | _Refused:
     value = float(text)
     if not math.isfinite(value):
-        raise BadJSON(f"The number {text[:40]} is too large; send a finite number.")
+        return _Refused(f"the number {text[:40]} is too large; send a finite number")
     return value
 
 
-def _int64(text: str) -> int:
-    if len(text.lstrip("-")) > 19:
-        raise BadJSON(f"The integer {text[:40]}... does not fit in 64 bits.")
-    value = int(text)
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise BadJSON(f"The integer {text} does not fit in 64 bits.")
-    return value
+def _int64(text: str) -> int | _Refused:
+    if len(text.lstrip("-")) > 19 or not INT64_MIN <= int(text) <= INT64_MAX:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        return _Refused(f"the integer {shown} does not fit in 64 bits")
+    return int(text)
 
 
 def parse_json(raw: bytes) -> Any:
@@ -127,6 +132,10 @@ def check_value(value: Any) -> None:
         item, path = stack.pop()
         if len(path) > MAX_DEPTH:
             raise BadJSON(f"The body is nested too deeply (at most {MAX_DEPTH} levels).")
+        if isinstance(item, _Refused):
+            where = _where(path)
+            at = f"`{where}`: " if where else ""
+            raise BadJSON(f"{at}{item.reason}.", where)
         if isinstance(item, str):
             _check_string(item, path, "The string")
         elif isinstance(item, dict):

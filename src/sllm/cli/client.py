@@ -4,6 +4,7 @@ server's error in a line."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any
@@ -16,6 +17,14 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key", help="The server's API key (default $SLLM_API_KEY; its first if a list)."
     )
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that JSON can carry (no inf/nan)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def server_url(explicit: str | None = None) -> str:
@@ -42,6 +51,9 @@ def call_server(
         response = httpx.request(method, f"{url}{path}", timeout=600, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         print(f"error: cannot reach the sllm server at {url}: {exc}", file=sys.stderr)
+        return None
+    except ValueError as exc:  # a body JSON cannot carry (NaN/Infinity from a --config file)
+        print(f"error: cannot send that request: {exc}", file=sys.stderr)
         return None
     try:
         body = response.json()

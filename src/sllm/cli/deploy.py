@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from sllm.cli.client import add_server_args, call_server, server_url
+from sllm.cli.client import add_server_args, call_server, finite_float, server_url
 
 _SCALING_KEYS = {"min_instances", "max_instances", "keep_alive"}
 _BACKEND_KEYS = {"enable_lora", "lora_adapters", "max_batch_size", "dtype", "torch_dtype"}
@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-gpus", type=int, help="GPUs per instance (default 0).")
     p.add_argument("--min-instances", type=int, help="Instances kept warm (default 0).")
     p.add_argument("--max-instances", type=int, help="Instances at most (default 1).")
-    p.add_argument("--keep-alive", type=float, help="Idle seconds before scale-down (60).")
+    p.add_argument("--keep-alive", type=finite_float, help="Idle seconds before scale-down (60).")
     p.add_argument("--target", type=int, dest="target_concurrency", help="Requests/instance.")
     p.add_argument("--max-batch-size", type=int, help="Rows per batch in an instance (8).")
     p.add_argument("--max-queue", type=int, help="Requests that may wait before 429 (64).")

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from sllm.cli.client import finite_float
 from sllm.config import DEFAULT_MAX_BODY_BYTES
 
 
@@ -24,17 +25,17 @@ def add_parser(sub) -> None:
         default=[],
         help="Directory local datasets may be read from (repeatable; default: storage and cwd).",
     )
-    p.add_argument("--starvation-seconds", type=float, default=600.0)
+    p.add_argument("--starvation-seconds", type=finite_float, default=600.0)
     p.add_argument(
         "--shutdown-grace-seconds",
-        type=float,
+        type=finite_float,
         default=30.0,
         help="On SIGTERM or Ctrl-C, how long running jobs get to checkpoint at their next step "
         "before their workers are killed; they resume on the next start (default 30).",
     )
     p.add_argument(
         "--log-retention-days",
-        type=float,
+        type=finite_float,
         default=7.0,
         help="Days the worker logs of ended jobs are kept under $STORAGE_PATH/_jobs (default 7).",
     )
