@@ -10,8 +10,8 @@ passed these checks:
   `Content-Length`, or as it streams in); nothing is stored.
 - JSON hygiene: the body must parse as strict JSON (no `NaN`/`Infinity`, no float that overflows to
   infinity such as `1e999`, no integer beyond a signed 64-bit one), nested at most `MAX_DEPTH`
-  deep, with no unpaired UTF-16 surrogate and no NUL or other control character (tab, newline and
-  carriage return are fine) in any key or string, and keys at most `MAX_KEY_CHARS` long. Such a
+  deep, with no unpaired UTF-16 surrogate and no NUL in any string, no control character in any
+  key, and keys at most `MAX_KEY_CHARS` long. Such a
   value could not be stored, serialised back or used: it is a 400 naming where it was found,
   instead of a job whose every later read answers 500.
 
@@ -38,8 +38,13 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key
 
-# C0 controls but tab, newline, carriage return; DEL; C1 controls; unpaired surrogates.
-_BAD_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# In any string: NUL (no C API, path or tokenizer takes it) and unpaired surrogates (no UTF-8
+# encoder does). In keys (names of fields and columns) every control character but none of
+# tab/newline/CR either. Other control characters in values (a form feed in source code, an ANSI
+# escape in a chat) are stored and serialised back escaped; names and paths refuse them in their
+# own field checks (`sllm.paths.check_path_text`, `sllm.serve.fields`).
+_BAD_CHAR = re.compile(r"[\x00\ud800-\udfff]")
+_BAD_KEY_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -107,8 +112,8 @@ def _where(path: list[str]) -> str | None:
     return ".".join(path) or None
 
 
-def _check_string(s: str, path: list[str], what: str) -> None:
-    bad = _BAD_CHAR.search(s)
+def _check_string(s: str, path: list[str], what: str, pattern: re.Pattern = _BAD_CHAR) -> None:
+    bad = pattern.search(s)
     if bad is None:
         return
     char = bad.group()
@@ -146,7 +151,7 @@ def check_value(value: Any) -> None:
                         f"long; keys are at most {MAX_KEY_CHARS}.",
                         _where(path),
                     )
-                _check_string(key, [*path, "(key)"], "A key")
+                _check_string(key, [*path, "(key)"], "A key", _BAD_KEY_CHAR)
                 stack.append((child, [*path, key]))
         elif isinstance(item, list):
             stack.extend((child, [*path, str(i)]) for i, child in enumerate(item))

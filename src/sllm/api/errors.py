@@ -39,7 +39,8 @@ _MEANING = {
     409: "The request clashes with the object's current state.",
     413: "The request body is larger than the server's limit.",
     429: "Too many requests already wait for this deployment; retry after `Retry-After`.",
-    503: "No capacity right now; retry after `Retry-After`.",
+    503: "No capacity right now (retry after `Retry-After`), or the model's instance could not "
+    "start.",
 }
 
 

@@ -223,7 +223,13 @@ def check_dataset_extras(
                     "`data_files` instead.",
                     param=param,
                 )
-            if not isinstance(value, str) or os.path.isabs(value) or ".." in value.split("/"):
+            if (
+                not isinstance(value, str)
+                or os.path.isabs(value)
+                or ".." in value.split("/")
+                or "://" in value
+                or "::" in value
+            ):
                 raise InvalidRequestError(
                     f"`{param}` must be a relative directory inside the dataset repository.",
                     param=param,

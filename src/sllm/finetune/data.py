@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.config import (
@@ -49,7 +50,8 @@ def _outside_roots_error(path: str, roots: list[Path], param: str):
 
 
 def _store_internal(real: Path, storage: Path | None) -> bool:
-    """The store's own files: its database (and its journal files) and the jobs' scratch."""
+    """The store's own files: its database (and its journal files), its lock, the jobs'
+    scratch and the instances' logs."""
     if storage is None:
         return False
     store = Path(storage).expanduser().resolve()
@@ -57,7 +59,8 @@ def _store_internal(real: Path, storage: Path | None) -> bool:
         return False
     parts = real.relative_to(store).parts
     return bool(parts) and (
-        parts[0] == jobs_dir(store).name or parts[0].startswith(db_path(store).name)
+        parts[0] in (jobs_dir(store).name, "_serve", "sllm.lock")
+        or parts[0].startswith(db_path(store).name)
     )
 
 
@@ -330,10 +333,11 @@ def check_dataset_config(
     out["hf_dataset_name"] = name
     files = ds.data_files if isinstance(ds.data_files, list) else [ds.data_files]
     for f in files:
-        if f and (os.path.isabs(f) or ".." in Path(f).parts):
+        # A URL (file://, zip::..., hf://) is opened as is by `datasets`, wherever it points.
+        if f and (os.path.isabs(f) or ".." in Path(f).parts or urlparse(f).scheme or "::" in f):
             raise InvalidRequestError(
                 f"`{DS}.data_files` for an hf_hub dataset must be relative paths or patterns "
-                f"inside the dataset repository, got {f!r}.",
+                f"inside the dataset repository (no URLs), got {f!r}.",
                 param=f"{DS}.data_files",
             )
     if not os.path.isabs(name):
@@ -438,7 +442,7 @@ def _load_error(ds: DatasetConfig, exc: BaseException) -> InvalidRequestError:
         what = "the dataset (from the Hub, its cache or its directory)"
     return InvalidRequestError(
         f"`{DS}`: {what} could not be loaded ({type(exc).__name__}); check that the data is "
-        "valid and unchanged since the job was submitted. Details are in the job's log.",
+        "valid and unchanged since the job was submitted.",
         param=DS,
     )
 

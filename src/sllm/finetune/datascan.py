@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from sllm.errors import InvalidRequestError
@@ -55,14 +56,18 @@ def check_local_data(
     for path in files:
         if budget.left <= 0:
             break
-        if extension == "json":
-            n, cols, has = _scan_json(path, field, extras, budget)
-        elif extension == "csv":
-            n, cols, has = _scan_csv(path, field, extras, budget)
-        elif extension == "parquet":
-            n, cols, has = _scan_parquet(path, field)
-        else:
-            n, cols, has = _scan_text(path, field, extras, budget)
+        try:
+            n, cols, has = _scan_file(path, extension, field, extras, budget)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"`{DS}.data_files`: {Path(path).name} cannot be read ({exc.strerror or exc}).",
+                param=f"{DS}.data_files",
+            ) from None
+        except RecursionError:
+            raise InvalidRequestError(
+                f"`{DS}.data_files`: {Path(path).name} nests its values too deeply to parse.",
+                param=f"{DS}.data_files",
+            ) from None
         if n is None:
             return  # a shape this check does not model: the job's loader decides
         rows += n
@@ -119,13 +124,24 @@ def _lines(path: str, encoding: str, budget: _Budget):
                 raise _data_error(path, f", line {number}", f"not valid {encoding} text") from None
 
 
+def _scan_file(path: str, extension: str, field: str, extras: dict[str, Any], budget: _Budget):
+    if extension == "json":
+        return _scan_json(path, field, extras, budget)
+    if extension == "csv":
+        return _scan_csv(path, field, extras, budget)
+    if extension == "parquet":
+        return _scan_parquet(path, field)
+    return _scan_text(path, field, extras, budget)
+
+
 def _encoding(extras: dict[str, Any]) -> str:
     enc = extras.get("encoding") or "utf-8"
     try:
         import codecs
 
-        codecs.lookup(enc)
-    except LookupError:
+        if not codecs.lookup(enc)._is_text_encoding:  # hex, base64, zlib: bytes-to-bytes
+            raise LookupError(enc)
+    except (LookupError, TypeError):
         raise InvalidRequestError(
             f"`{DS}.encoding`: unknown text encoding {enc!r}.", param=f"{DS}.encoding"
         ) from None

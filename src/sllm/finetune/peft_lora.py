@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sllm.errors import InvalidRequestError
+from sllm.errors import ConflictError, InvalidRequestError
 from sllm.finetune.base import (
     JobSpec,
     Reporter,
@@ -585,6 +585,24 @@ def check_output_target(target: Path, storage: Path, model: str) -> None:
                 f"{ADAPTER_CONFIG_NAME}); it will not be replaced. Choose another output_dir.",
                 param=param,
             )
+        previous = _adapter_base(target)
+        if model and previous is not None and previous != model:
+            raise ConflictError(
+                f"`{param}`: the adapter there was trained for {previous!r}, not {model!r}; a "
+                "deployment of that model serving it would break. Choose another output_dir, or "
+                "delete the old adapter first.",
+                param=param,
+            )
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    """The base model an existing adapter was trained for (as its config records it)."""
+    try:
+        with open(adapter_dir / ADAPTER_CONFIG_NAME) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def save_adapter_atomically(

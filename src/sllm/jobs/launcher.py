@@ -46,6 +46,7 @@ class Launcher(Protocol):
 def worker_env(alloc: Allocation, base: dict[str, str] | None = None) -> dict[str, str]:
     """Pin the worker to its share: visible GPUs and thread pools sized to its CPUs."""
     env = dict(os.environ if base is None else base)
+    env.pop("SLLM_API_KEY", None)  # the server's key is not the job's (nor the instance's)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in alloc.gpu_ids)
     threads = str(max(1, alloc.cpus))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

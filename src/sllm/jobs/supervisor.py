@@ -279,7 +279,9 @@ class Supervisor:
             return
         step = (rec.progress or {}).get("step")
         at = f" at step {step}" if step else ""
-        if run.stop_reason == "shutdown":  # however it ended, the shutdown stopped it
+        reported = rc != EXIT_STOPPED and rec.error_message and rec.error_kind in WORKER_REPORTED
+        if run.stop_reason == "shutdown" and not reported:  # the shutdown stopped it; a real
+            # failure the worker reported during the grace period (diverged, bad data) stands
             self.store.transition(
                 rec.id,
                 JobStatus.PENDING,

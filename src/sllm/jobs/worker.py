@@ -226,7 +226,7 @@ def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
         sys.stderr.flush()
         reporter.flush()
         if isinstance(exc, SllmError):  # a reason of ours: invalid data, diverged, ...
-            message = exc.message
+            message = f"{exc.message.rstrip('.')}; {log_hint(spec.job_id)}."
         else:
             reason = exception_reason(exc, Path(spec.storage_path))
             message = f"{reason.rstrip('.')}; {log_hint(spec.job_id)}."

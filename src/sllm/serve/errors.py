@@ -2,7 +2,7 @@
 
 SllmError
 ├── InstanceError      500  an instance failed a request or stopped answering mid-way
-├── ColdStartError     500  the instance for a request could not start
+├── ColdStartError     503  the instance for a request could not start (one line; log kept)
 └── OverloadedError    503  (sllm.errors) no capacity / waited too long; Retry-After
     └── QueueFullError 429  too many requests already wait for this deployment
 """
@@ -18,7 +18,7 @@ class InstanceError(SllmError):
 
 
 class ColdStartError(SllmError):
-    status_code = 500
+    status_code = 503
     error_type = "cold_start_error"
 
 

@@ -22,6 +22,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, StrictFloat, StrictInt
 
+from sllm.store.layout import RESERVED_COMPONENTS as STORE_RESERVED
+
 MAX_NAME_CHARS = 256  # model and deployment names
 MAX_ADAPTER_NAME_CHARS = 128
 MAX_PATH_CHARS = 1024
@@ -37,7 +39,7 @@ MAX_GPUS = 1024
 MAX_QUEUE = 100_000
 MAX_CONCURRENCY = 65536
 MAX_ADAPTERS = 64  # per deploy request
-RESERVED_COMPONENTS = frozenset({"_jobs", "_serve"})
+RESERVED_COMPONENTS = frozenset(STORE_RESERVED)  # one rule with job output dirs
 
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

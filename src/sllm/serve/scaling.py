@@ -171,7 +171,7 @@ class Scaler:
                 self.release(inst)
                 if self._deps.get(dep.config.model) is not dep:
                     raise NotFoundError(f"{dep.config.model!r} was deleted.", param="model")
-                raise ColdStartError(f"The instance for {dep.config.model!r} failed: {error}")
+                raise ColdStartError(cold_start_message(dep.config.model, error, self.storage))
             await waiter.wait(1.0)
 
     def release(self, inst: Instance) -> None:
@@ -353,4 +353,17 @@ def _queue_full(dep: Deployment) -> OverloadedError:
         f"{dep.config.model!r} is overloaded: {dep.queued} requests are already waiting "
         f"(max_queue={dep.config.max_queue}).",
         retry_after=1,
+    )
+
+
+def cold_start_message(model: str, error: str | None, storage: Path) -> str:
+    """One line for the API: the failure's first line, no paths outside the store; the log tail
+    stays in the instance's log."""
+    from sllm.jobs.messages import scrub_paths
+
+    first = (error or "unknown error").strip().splitlines()[0].rstrip(":")
+    first = scrub_paths(first, storage)
+    return (
+        f"The instance for {model!r} could not start ({first}); its log is under "
+        "`_serve/` in the storage path."
     )

@@ -68,6 +68,9 @@ def resolve_model(storage: Path, model: str, backend: str = "transformers") -> t
     return name, target
 
 
+RESERVED_COMPONENTS = ("_jobs", "_serve")  # what deploy refuses too (sllm.serve.fields)
+
+
 def check_own_names(name: str, *, param: str, given: str | None = None) -> None:
     """Refuse a path (relative to a backend root) that uses a name the store keeps for itself.
 
@@ -77,6 +80,12 @@ def check_own_names(name: str, *, param: str, given: str | None = None) -> None:
     would vanish (or hide) while the store still reported them saved.
     """
     for part in name.split("/"):
+        if part in RESERVED_COMPONENTS:
+            raise InvalidRequestError(
+                f"`{param}`={given if given is not None else name!r}: {part!r} is the name of the "
+                "store's own directory for job and instance scratch; choose another name.",
+                param=param,
+            )
         if part.startswith("."):
             raise InvalidRequestError(
                 f"`{param}`={given if given is not None else name!r}: the path component "

@@ -13,12 +13,14 @@ and the routes' lazily built state.)
 from __future__ import annotations
 
 import gc
+import json
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
 from sllm.api.errors import error_responses
 from sllm.jobs.models import (
+    INT64_MAX,
     FineTuningJob,
     FineTuningJobRequest,
     JobEventList,
@@ -35,7 +37,11 @@ def _jobs(request: Request) -> JobService:
 
 
 def _json(body: BaseModel) -> Response:
-    return Response(body.model_dump_json(), media_type="application/json")
+    try:
+        return Response(body.model_dump_json(), media_type="application/json")
+    except ValueError:  # a lone surrogate stored before the edge refused them: send it escaped
+        text = json.dumps(body.model_dump(mode="python"), ensure_ascii=True)
+        return Response(text, media_type="application/json")
 
 
 def _both(path: str) -> list[str]:
@@ -76,7 +82,7 @@ def _freeze_once() -> None:
 @_route("GET", "/jobs", response_model=JobList, responses=error_responses())
 async def list_jobs(
     request: Request,
-    limit: int = Query(20),
+    limit: int = Query(20, ge=-INT64_MAX - 1, le=INT64_MAX),
     after: str | None = Query(None),
     status: str | None = Query(None),
 ) -> Response:
@@ -104,8 +110,8 @@ async def get_job(fine_tuning_job_id: str, request: Request) -> Response:
 async def job_events(
     fine_tuning_job_id: str,
     request: Request,
-    limit: int = Query(100),
-    after: int | None = Query(None),
+    limit: int = Query(100, ge=-INT64_MAX - 1, le=INT64_MAX),
+    after: int | None = Query(None, ge=-INT64_MAX - 1, le=INT64_MAX),
 ) -> Response:
     """State changes, loss points and errors of a job, oldest first."""
     return _json(_jobs(request).events(fine_tuning_job_id, limit=limit, after=after))
