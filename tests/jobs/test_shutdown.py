@@ -191,3 +191,28 @@ def test_an_older_database_gets_the_new_columns_with_its_requeues_counted(tmp_pa
         assert store.get(twice).status is JobStatus.FAILED
     finally:
         store.close()
+
+
+class DivergingHandle(FakeHandle):
+    """A worker whose run diverges during the shutdown grace: it reports and exits 1."""
+
+    store = None
+    job_id = None
+
+    def terminate(self) -> None:
+        super().terminate()
+        self.store.set_error(self.job_id, "Training diverged at step 3.", "diverged")
+        self.rc = 1
+
+
+def test_a_failure_reported_during_the_shutdown_stands(env):
+    """A real failure (diverged, bad data) is not turned into a re-queue by the shutdown that
+    happened to be under way: the job would run again into the same failure."""
+    store, make = env
+    job = add(store)
+    DivergingHandle.store, DivergingHandle.job_id = store, job
+    sup = make(StoppingLauncher(DivergingHandle))
+    sup.tick()
+    sup.stop(grace_s=5)
+    rec = store.get(job)
+    assert rec.status is JobStatus.FAILED and rec.error_kind == "diverged", rec
