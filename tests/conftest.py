@@ -34,6 +34,15 @@ def write_dataset(path: Path, rows: int = 24, field: str = "prompt") -> Path:
     return path
 
 
+def stored_server(root: Path, tiny_model_src: Path, *args: str, **kw) -> LocalServer:
+    """A started server on a new store at `root` holding `tiny/llama` and data/train.jsonl."""
+    from sllm.store import save_model
+
+    save_model(TINY, root, local_model_path=tiny_model_src)
+    write_dataset(root / "data" / "train.jsonl")
+    return LocalServer(root, *args, **kw).start()
+
+
 @pytest.fixture
 def storage(tmp_path, tiny_model_src) -> Path:
     """A store holding the tiny model as `tiny/llama`, plus a dataset under data/."""
@@ -110,6 +119,17 @@ def server_factory():
     yield make
     for s in servers:
         s.stop()
+
+
+def record(storage: Path, job_id: str):
+    """The job's row as the server stored it (read from its database, server or not)."""
+    from sllm.jobs.db import JobStore
+
+    store = JobStore(storage / "sllm.db")
+    try:
+        return store.get(job_id)
+    finally:
+        store.close()
 
 
 def pid_alive(pid: int) -> bool:

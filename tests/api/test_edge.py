@@ -78,13 +78,11 @@ def test_strict_json_accepts_ordinary_bodies():
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_src):
-    from sllm.store import save_model
-    from tests.conftest import Server, write_dataset
+    from tests.conftest import stored_server
 
     root = tmp_path_factory.mktemp("edge") / "store"
-    save_model("tiny/llama", root, local_model_path=tiny_model_src)
-    write_dataset(root / "data" / "train.jsonl")
-    server = Server(root, "--num-cpus", "1", "--max-body-bytes", "65536", api_key=KEY).start()
+    args = ("--num-cpus", "1", "--max-body-bytes", "65536")
+    server = stored_server(root, tiny_model_src, *args, api_key=KEY)
     yield server
     server.stop()
 

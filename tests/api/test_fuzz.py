@@ -31,13 +31,10 @@ EXAMPLES = int(os.environ.get("SLLM_FUZZ_EXAMPLES", "25"))
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, tiny_model_src):
-    from sllm.store import save_model
-    from tests.conftest import Server, write_dataset
+    from tests.conftest import stored_server
 
     root = tmp_path_factory.mktemp("fuzz") / "store"
-    save_model("tiny/llama", root, local_model_path=tiny_model_src)
-    write_dataset(root / "data" / "train.jsonl")
-    server = Server(root, "--num-cpus", "2", "--num-gpus", "0", api_key=KEY).start()
+    server = stored_server(root, tiny_model_src, "--num-cpus", "2", "--num-gpus", "0", api_key=KEY)
     deployed = server.client.post(
         "/v1/deployments", json={"model": "tiny/llama", "keep_alive": 600, "max_queue": 4}
     )

@@ -11,13 +11,10 @@ from tests.conftest import job_config
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, tiny_model_src):
-    from sllm.store import save_model
-    from tests.conftest import Server, write_dataset
+    from tests.conftest import stored_server
 
     root = tmp_path_factory.mktemp("valid") / "store"
-    save_model("tiny/llama", root, local_model_path=tiny_model_src)
-    write_dataset(root / "data" / "train.jsonl")
-    server = Server(root, "--num-cpus", "2", "--num-gpus", "0").start()
+    server = stored_server(root, tiny_model_src, "--num-cpus", "2", "--num-gpus", "0")
     yield server
     server.stop()
 

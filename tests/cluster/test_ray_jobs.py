@@ -16,8 +16,7 @@ import pytest
 from cluster_helpers import raylet_node_of
 
 from sllm.finetune.checkpoints import latest_complete_checkpoint
-from sllm.jobs.db import JobStore
-from tests.conftest import Server, job_config, wait_dead, wait_progress
+from tests.conftest import Server, job_config, record, wait_dead, wait_progress
 
 pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -38,14 +37,6 @@ def submit(srv, storage, name, checkpoint_minutes=None, **kw):
     r = srv.client.post("/v1/fine-tuning/jobs", json=cfg)
     assert r.status_code == 200, r.text
     return r.json()["job_id"]
-
-
-def record(storage, job_id):
-    store = JobStore(storage / "sllm.db")
-    try:
-        return store.get(job_id)
-    finally:
-        store.close()
 
 
 def node_of(cluster, storage, job_id) -> str:

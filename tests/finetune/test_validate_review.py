@@ -45,29 +45,23 @@ def good(data_dir: Path) -> dict:
      "hf://datasets/other/repo/x.json", "https://example.invalid/x.json"],
 )  # fmt: skip
 def test_hf_hub_data_files_may_not_be_urls(backend, ctx, offline_hub, entry):
-    hub_cache_entry(offline_hub, "owner/repo", [{"prompt": "hi"}])
-    cfg = {
-        "dataset_config": {
-            "dataset_source": "hf_hub",
-            "hf_dataset_name": "owner/repo",
-            "tokenization_field": "prompt",
-            "data_files": [entry],
-        }
-    }
+    cfg = _cached_hub_dataset(offline_hub, data_files=[entry])
     reject(backend, cfg, ctx, f"{DS}.data_files", "no URLs")
 
 
 def test_hf_hub_data_dir_may_not_be_a_url(backend, ctx, offline_hub):
-    hub_cache_entry(offline_hub, "owner/repo", [{"prompt": "hi"}])
-    cfg = {
-        "dataset_config": {
-            "dataset_source": "hf_hub",
-            "hf_dataset_name": "owner/repo",
-            "tokenization_field": "prompt",
-            "data_dir": "file:///etc",
-        }
-    }
+    cfg = _cached_hub_dataset(offline_hub, data_dir="file:///etc")
     reject(backend, cfg, ctx, f"{DS}.data_dir", "relative directory")
+
+
+def _cached_hub_dataset(cache: Path, **extra) -> dict:
+    hub_cache_entry(cache, "owner/repo", [{"prompt": "hi"}])
+    ds = {
+        "dataset_source": "hf_hub",
+        "hf_dataset_name": "owner/repo",
+        "tokenization_field": "prompt",
+    }
+    return {"dataset_config": {**ds, **extra}}
 
 
 @pytest.mark.parametrize("encoding", ["hex", "base64", "zlib", "rot13"])

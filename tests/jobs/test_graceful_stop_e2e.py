@@ -12,20 +12,11 @@ from pathlib import Path
 import pytest
 
 from sllm.finetune.checkpoints import latest_complete_checkpoint, read_state
-from sllm.jobs.db import JobStore
-from tests.conftest import job_config, wait_dead, wait_progress
+from tests.conftest import job_config, record, wait_dead, wait_progress
 
 pytestmark = pytest.mark.slow
 
 STEPS = 80
-
-
-def record(storage, job_id):
-    store = JobStore(storage / "sllm.db")
-    try:
-        return store.get(job_id)
-    finally:
-        store.close()
 
 
 def test_sigterm_and_ctrl_c_checkpoint_the_job_and_each_restart_resumes_it(storage, server_factory):
