@@ -29,12 +29,13 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from sllm.api.errors import error_body
+from sllm.api.errors import error_body, send_json
 from sllm.config import DEFAULT_MAX_BODY_BYTES
+from sllm.jobs.models import INT64_MAX
 
 MAX_DEPTH = 64
 MAX_KEY_CHARS = 256
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT64_MIN = -INT64_MAX - 1
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key
 
@@ -191,7 +192,9 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         if self.keys and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
-            await _reply(send, 401, self._unauthorised_body(scope), {"WWW-Authenticate": "Bearer"})
+            await send_json(
+                send, 401, self._unauthorised_body(scope), {"WWW-Authenticate": "Bearer"}
+            )
             return
         if (
             scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE")
@@ -204,7 +207,7 @@ class EdgeMiddleware:
         if problem is not None:
             status, message, param = problem
             type_ = "request_too_large" if status == 413 else "invalid_request_error"
-            await _reply(send, status, error_body(message, type_, param, status))
+            await send_json(send, status, error_body(message, type_, param, status))
             return
         await self._guarded(scope, _replay(body, receive), send)
 
@@ -227,7 +230,7 @@ class EdgeMiddleware:
                 raise
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             message = f"Internal server error ({type(exc).__name__}); the server log has details."
-            await _reply(send, 500, error_body(message, "internal_error", None, 500))
+            await send_json(send, 500, error_body(message, "internal_error", None, 500))
 
     def _authorised(self, scope: Scope) -> bool:
         auth = _header(scope, b"authorization") or b""
@@ -304,14 +307,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()  # then the real stream: a disconnect, for streaming responses
 
     return replay
-
-
-async def _reply(send: Send, status: int, body: dict, headers: dict[str, str] | None = None):
-    payload = json.dumps(body).encode()
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": payload})

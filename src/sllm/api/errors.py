@@ -5,6 +5,7 @@ Bodies follow OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -61,6 +62,18 @@ def drop_validation_422(schema: dict[str, Any]) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     return schema
+
+
+async def send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    """Answer from a pure ASGI middleware (before any route): a complete JSON response."""
+    payload = json.dumps(body).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def error_body(message: str, type_: str, param: str | None, code: int) -> dict:

@@ -11,10 +11,11 @@ constant time.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 import secrets
 from typing import Any
+
+from sllm.api.errors import error_body, send_json
 
 SECRET_ENV = "SLLM_INSTANCE_SECRET"
 MIN_SECRET_CHARS = 32
@@ -77,21 +78,9 @@ class RequireSecret:
 
 
 async def _unauthorized(send: Any) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": "This port belongs to an sllm instance; only its server may call it "
-                "(send the instance's secret as `Authorization: Bearer ...`).",
-                "type": "authentication_error",
-                "param": None,
-                "code": 401,
-            }
-        }
-    ).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b"Bearer"),
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    message = (
+        "This port belongs to an sllm instance; only its server may call it (send the "
+        "instance's secret as `Authorization: Bearer ...`)."
+    )
+    body = error_body(message, "authentication_error", None, 401)
+    await send_json(send, 401, body, {"WWW-Authenticate": "Bearer"})

@@ -22,11 +22,11 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field, StrictFloat, StrictInt
 
-from sllm.store.layout import RESERVED_COMPONENTS as STORE_RESERVED
+from sllm.paths import MAX_PATH_CHARS
+from sllm.store.layout import own_name_problem
 
 MAX_NAME_CHARS = 256  # model and deployment names
 MAX_ADAPTER_NAME_CHARS = 128
-MAX_PATH_CHARS = 1024
 MAX_STOP_CHARS = 256
 MAX_STOPS = 4
 MAX_TOKENS = 65536  # per request; the model's context bounds it further
@@ -39,7 +39,6 @@ MAX_GPUS = 1024
 MAX_QUEUE = 100_000
 MAX_CONCURRENCY = 65536
 MAX_ADAPTERS = 64  # per deploy request
-RESERVED_COMPONENTS = frozenset(STORE_RESERVED)  # one rule with job output dirs
 
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -79,15 +78,9 @@ def check_store_path(value: str) -> str:
             raise ValueError(f"{value!r} has an empty path component; write it as a/b")
         if part == "..":
             raise ValueError(f"{value!r} escapes through '..'; use a plain path below the store")
-        if part.startswith("."):
-            raise ValueError(
-                f"{value!r}: the component {part!r} starts with '.', which the store keeps for "
-                "its own scratch files (.tmp-*, .lock); rename it"
-            )
-        if part in RESERVED_COMPONENTS:
-            raise ValueError(
-                f"{value!r}: {part!r} is the store's own directory, not a model or an adapter"
-            )
+        problem = own_name_problem(part)
+        if problem:
+            raise ValueError(f"{value!r}: {problem}; rename it")
     return value
 
 

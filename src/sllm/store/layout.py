@@ -68,30 +68,36 @@ def resolve_model(storage: Path, model: str, backend: str = "transformers") -> t
     return name, target
 
 
-RESERVED_COMPONENTS = ("_jobs", "_serve")  # what deploy refuses too (sllm.serve.fields)
+RESERVED_COMPONENTS = ("_jobs", "_serve")  # the store's job and instance scratch
 
 
-def check_own_names(name: str, *, param: str, given: str | None = None) -> None:
-    """Refuse a path (relative to a backend root) that uses a name the store keeps for itself.
+def own_name_problem(part: str) -> str | None:
+    """Why a path component is a name the store keeps for itself, or None.
 
     Every component starting with '.' is the store's: its scratch directories (`.tmp-*` for a
     save in progress, `.old-*` for a replaced model or adapter) are deleted by `clean_stale` on
-    the next save, and `.lock` is its lock file. Models and adapters written under such a name
-    would vanish (or hide) while the store still reported them saved.
+    the next save, and `.lock` is its lock file; `_jobs` and `_serve` hold job and instance
+    scratch. Models and adapters written under such a name would vanish (or hide) while the store
+    still reported them saved. The one rule for job output dirs, stored models and deployments.
     """
+    if part in RESERVED_COMPONENTS:
+        return f"{part!r} is the name of the store's own directory for job and instance scratch"
+    if part.startswith("."):
+        return (
+            f"the path component {part!r} starts with '.', which the store keeps for itself (its "
+            f"scratch directories {TMP_PREFIX}* and {OLD_PREFIX}* are removed on the next save)"
+        )
+    return None
+
+
+def check_own_names(name: str, *, param: str, given: str | None = None) -> None:
+    """Refuse a path (relative to a backend root) that uses a name the store keeps for itself."""
     for part in name.split("/"):
-        if part in RESERVED_COMPONENTS:
+        problem = own_name_problem(part)
+        if problem:
             raise InvalidRequestError(
-                f"`{param}`={given if given is not None else name!r}: {part!r} is the name of the "
-                "store's own directory for job and instance scratch; choose another name.",
-                param=param,
-            )
-        if part.startswith("."):
-            raise InvalidRequestError(
-                f"`{param}`={given if given is not None else name!r}: the path component "
-                f"{part!r} starts with '.', which the store keeps for itself (its scratch "
-                f"directories {TMP_PREFIX}* and {OLD_PREFIX}* are removed on the next save); "
-                "use a name without a leading dot.",
+                f"`{param}`={given if given is not None else name!r}: {problem}; choose another "
+                "name.",
                 param=param,
             )
 
