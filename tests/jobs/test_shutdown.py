@@ -183,6 +183,11 @@ def test_an_older_database_gets_the_new_columns_with_its_requeues_counted(tmp_pa
     conn.execute("UPDATE jobs SET status = 'running', attempts = 2 WHERE id = ?", (twice,))
     conn.commit()
     conn.close()
+    from sllm.jobs.db import read_active_jobs
+
+    # `sllm-store delete` reads it before any new server has added the columns
+    active = {rec.id: rec.crash_requeues for rec in read_active_jobs(path)}
+    assert active == {once: 0, twice: 1}
     store = JobStore(path)
     try:
         assert store.get(once).crash_requeues == 0 and store.get(twice).crash_requeues == 1

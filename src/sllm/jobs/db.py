@@ -132,8 +132,10 @@ class JobRecord:
             progress=json.loads(d["progress_json"]) if d["progress_json"] else None,
             adapter_path=d["adapter_path"],
             attempts=d["attempts"],
-            crash_requeues=d["crash_requeues"],
-            clean_stop=bool(d["clean_stop"]),
+            # .get: a tool reading a database no server of this version has opened yet (and so
+            # migrated, see `_ADDED_COLUMNS`) finds rows without the newer columns
+            crash_requeues=d.get("crash_requeues", max(d["attempts"] - 1, 0)),
+            clean_stop=bool(d.get("clean_stop", 0)),
             worker_pid=d["worker_pid"],
             worker_host=d["worker_host"],
             resources=json.loads(d["resources_json"]) if d["resources_json"] else None,
@@ -165,8 +167,10 @@ def read_active_jobs(path: Path) -> list[JobRecord]:
             "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
             (JobStatus.PENDING.value, JobStatus.RUNNING.value),
         ).fetchall()
-    except sqlite3.OperationalError:  # no such table: no job was ever submitted
-        return []
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # no job was ever submitted
+            return []
+        raise  # anything else (a locked or damaged file) must not read as "nobody uses it"
     finally:
         conn.close()
     return [JobRecord.from_row(r) for r in rows]
