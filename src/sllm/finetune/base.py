@@ -54,7 +54,8 @@ class Reporter(Protocol):
 
     def progress(self, **fields: Any) -> None:
         """Fields: step, total_steps, epoch, loss, learning_rate, trained_tokens,
-        tokens_per_second, eta_seconds."""
+        tokens_per_second, eta_seconds, train_mean_token_accuracy, valid_loss,
+        valid_mean_token_accuracy."""
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None: ...
 

@@ -110,10 +110,13 @@ def resumable_checkpoint(scratch: Path, fingerprint: str) -> tuple[Path | None, 
 
 
 def earlier_losses(checkpoint: Path) -> list[dict[str, Any]]:
-    """The loss points the attempt that wrote `checkpoint` logged, as `{"step", "loss"}`."""
+    """The loss points the attempt that wrote `checkpoint` logged, as `{"step", "loss"}` (and
+    `train_mean_token_accuracy` where it was logged)."""
     state = read_state(checkpoint) or {}
+    accuracy = "train_mean_token_accuracy"
     return [
         {"step": int(h["step"]), "loss": float(h["loss"])}
+        | ({accuracy: h[accuracy]} if accuracy in h else {})
         for h in state.get("log_history", [])
         if isinstance(h, dict) and "loss" in h and "step" in h
     ]

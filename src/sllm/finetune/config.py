@@ -15,7 +15,16 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from sllm.errors import InvalidRequestError
 
@@ -88,6 +97,21 @@ class DatasetConfig(BaseModel):
     extension_type: str = Field(
         "", description="Format of the local files: json (also jsonl), csv, parquet or text."
     )
+    validation_split: StrictInt | StrictFloat | None = Field(
+        None,
+        gt=0,
+        le=2**31 - 1,
+        description="Hold out rows of this data for validation: a fraction in (0, 1) or a row "
+        "count (at least 1), drawn with the job's `data_seed` (else `seed`); the held-out rows "
+        "are not trained on. Not with `validation_dataset_config`.",
+    )
+
+    @field_validator("validation_split")
+    @classmethod
+    def _fraction_or_count(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and not 0 < value < 1:
+            raise ValueError("must be a fraction in (0, 1) or a whole number of rows")
+        return value
 
     def extras(self) -> dict[str, Any]:
         """The extra keys, passed on to `datasets.load_dataset`."""
@@ -167,6 +191,39 @@ class BackendConfig(BaseModel):
         "server restart or a lost node resumes from its last checkpoint instead of step 0. "
         "Checkpoints are deleted when the job ends. (`save_strategy`/`save_steps` in "
         "`training_config` add checkpoints of their own; the job resumes from those too.)",
+    )
+    validation_dataset_config: DatasetConfig | None = Field(
+        None,
+        description="Validation data, the same shape as `dataset_config` (and checked the same "
+        "way). Its loss (`valid_loss`) and token accuracy (`valid_mean_token_accuracy`) are "
+        "measured every `training_config.eval_steps` (default: 10 evaluations per run, "
+        '`eval_strategy` "steps", `eval_steps` 0.1) and at the end; the adapter saved is the '
+        "one of the evaluation with the lowest `valid_loss`. Not with "
+        "`dataset_config.validation_split`.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        strict=True,
+        ge=1,
+        le=2**31 - 1,
+        description="Stop training after this many evaluations in a row without the validation "
+        "loss improving on the best by more than `early_stopping_threshold`; the adapter of the "
+        "best evaluation is saved. Needs validation data.",
+    )
+    early_stopping_threshold: float | None = Field(
+        None,
+        strict=True,
+        ge=0,
+        description="How much lower than the best the validation loss must be to count as an "
+        "improvement for `early_stopping_patience` (default 0).",
+    )
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="Start from an earlier LoRA adapter instead of fresh LoRA weights: a path "
+        "relative to `$STORAGE_PATH/transformers` (like `output_dir`) of an adapter trained on "
+        "the same base model. Its LoRA config is used; keys given in `lora_config` must agree "
+        "with it. The new adapter goes to `output_dir`, which must be another directory.",
     )
 
 
@@ -566,7 +623,7 @@ REFUSED_TRAINING_PREFIXES: dict[str, str] = {
 _PATH_OR_DICT_KEYS = ("accelerator_config", "fsdp_config")
 
 
-def check_training_keys(training_config: dict[str, Any]) -> None:
+def check_training_keys(training_config: dict[str, Any], *, validation: bool = False) -> None:
     """Refuse `training_config` keys that write outside the job's directories or send data out.
 
     The rule: a fine-tuning job reads only its base model and its dataset, and writes only its
@@ -575,8 +632,9 @@ def check_training_keys(training_config: dict[str, Any]) -> None:
     not push anywhere (`push_to_hub` true, any `hub_*` / `push_to_hub_*` key); may not report to
     an outside service (`report_to` other than "none" / [] / null, any `trackio_*` key); may not
     name config files to read (`deepspeed`, `accelerator_config` / `fsdp_config` given as a path);
-    and may not ask for evaluation (there is no evaluation set: `eval_strategy` other than "no",
-    `eval_on_start`, `load_best_model_at_end`).
+    and may ask for evaluation (`eval_strategy` other than "no", `eval_on_start`) only when the
+    job has `validation` data; `load_best_model_at_end` never (the best evaluation's adapter is
+    kept anyway, see `sllm.finetune.evaluation`).
     """
     for key, value in training_config.items():
         param = f"{P}.training_config.{key}"
@@ -591,10 +649,16 @@ def check_training_keys(training_config: dict[str, Any]) -> None:
             reason = 'metrics go to the job record; use "none" (progress is reported anyway)'
         if key in _PATH_OR_DICT_KEYS and isinstance(value, str):
             reason = "config files are not read from a job config; pass the settings as an object"
-        if key == "eval_strategy" and value not in (None, "no"):
-            reason = 'this backend has no evaluation set; use "no"'
-        if key in ("eval_on_start", "load_best_model_at_end") and value:
-            reason = "this backend has no evaluation set"
+        no_data = (
+            "there is no validation data (give `dataset_config.validation_split` or "
+            "`validation_dataset_config`)"
+        )
+        if key == "eval_strategy" and value not in (None, "no") and not validation:
+            reason = no_data
+        if key == "eval_on_start" and value and not validation:
+            reason = no_data
+        if key == "load_best_model_at_end" and value:
+            reason = "with validation data the best evaluation's adapter is saved anyway"
         if reason:
             raise InvalidRequestError(f"`{param}` is refused: {reason}.", param=param)
 
@@ -746,11 +810,15 @@ def build_training_arguments(
 
 
 def check_training_config(
-    training_config: dict[str, Any], *, cuda_available: bool, num_cpus: int | None = None
+    training_config: dict[str, Any],
+    *,
+    cuda_available: bool,
+    num_cpus: int | None = None,
+    validation: bool = False,
 ) -> None:
     """Refused keys, types and values, then `TrainingArguments` must construct (as the run
     would on this host)."""
-    check_training_keys(training_config)
+    check_training_keys(training_config, validation=validation)
     check_training_types(training_config)
     check_training_values(training_config, num_cpus=num_cpus)
     overrides = {} if cuda_available else {"use_cpu": True}

@@ -313,9 +313,11 @@ def check_dataset_config(
     cwd: Path | None = None,
     storage: Path | None = None,
     num_cpus: int | None = None,
+    counts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate and normalise a dataset config (paths made absolute; the data itself read
-    cheaply, see `check_local_data`); returns a plain dict."""
+    cheaply, see `check_local_data`); returns a plain dict. `counts["rows"]` gets the number of
+    rows where the check read them all (else None)."""
     local = ds.dataset_source == "local"
     extras = ds.extras()
     extension = normalise_extension(ds.extension_type) if local else None
@@ -324,7 +326,9 @@ def check_dataset_config(
     if local:
         out["extension_type"] = extension
         files = resolve_local_files(ds.data_files, roots, cwd=cwd, storage=storage)
-        check_local_data(files, extension, ds.tokenization_field, extras)
+        rows = check_local_data(files, extension, ds.tokenization_field, extras)
+        if counts is not None:
+            counts["rows"] = rows
         out["data_files"] = (
             files[0] if isinstance(ds.data_files, str) and len(files) == 1 else files
         )

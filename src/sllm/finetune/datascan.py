@@ -41,8 +41,9 @@ class _Budget:
 
 def check_local_data(
     files: list[str], extension: str, field: str, extras: dict[str, Any] | None = None
-) -> None:
+) -> int | None:
     """The files open and parse, hold at least one row, and `field` is a column of text.
+    Returns the number of rows when every file was read whole, else None.
 
     Streaming (one line or one Parquet footer at a time) and bounded by `SCAN_BUDGET_BYTES`.
     Errors name the file (it is inside the data roots), the line and the column names, never
@@ -69,7 +70,7 @@ def check_local_data(
                 param=f"{DS}.data_files",
             ) from None
         if n is None:
-            return  # a shape this check does not model: the job's loader decides
+            return None  # a shape this check does not model: the job's loader decides
         rows += n
         columns |= cols
         found = found or has
@@ -86,6 +87,7 @@ def check_local_data(
             f"{_columns_text(columns)}.",
             param=f"{DS}.tokenization_field",
         )
+    return rows if budget.left > 0 else None
 
 
 def _columns_text(columns: set[str] | list[str], limit: int = 30) -> str:

@@ -62,6 +62,23 @@ from sllm.finetune.data import (
     load_training_dataset,
     tokenize_dataset,
 )
+from sllm.finetune.evaluation import (
+    TRAIN_ACCURACY,
+    VALID_ACCURACY,
+    VALID_LOSS,
+    Validator,
+    check_split_fits,
+    check_validation_config,
+    eval_overrides,
+    renamed_errors,
+    split_rows,
+)
+from sllm.finetune.init_adapter import (
+    adapter_digest,
+    adapter_lora_config,
+    load_trainable,
+    resolve_init_adapter,
+)
 from sllm.finetune.speed import (
     choose_precision,
     compile_layers,
@@ -104,15 +121,42 @@ class PeftLoraBackend:
         check_output_target(target, storage, ctx.model)
 
         check_batching(cfg)
-        lora = lora_config_with_defaults(cfg.lora_config)
-        build_lora_config(lora)  # a bad LoRA config is a 400 naming the field
+        has_validation = check_validation_config(cfg)
+        init_path = None
+        if cfg.init_adapter is not None:
+            init_path = resolve_init_adapter(storage, cfg.init_adapter, ctx.model, target)
+            lora = adapter_lora_config(init_path, cfg.lora_config)
+        else:
+            lora = lora_config_with_defaults(cfg.lora_config)
+            build_lora_config(lora)  # a bad LoRA config is a 400 naming the field
         check_training_config(
-            cfg.training_config, cuda_available=_cuda_available(), num_cpus=ctx.num_cpus
+            cfg.training_config,
+            cuda_available=_cuda_available(),
+            num_cpus=ctx.num_cpus,
+            validation=has_validation,
         )
         # The data last: it is the one check that reads more than a few bytes.
+        counts: dict[str, Any] = {}
         dataset = check_dataset_config(
-            cfg.dataset_config, list(ctx.data_roots), storage=storage, num_cpus=ctx.num_cpus
+            cfg.dataset_config,
+            list(ctx.data_roots),
+            storage=storage,
+            num_cpus=ctx.num_cpus,
+            counts=counts,
         )
+        check_split_fits(counts.get("rows"), cfg.dataset_config.validation_split)
+        extra: dict[str, Any] = {}
+        if cfg.validation_dataset_config is not None:
+            extra["validation_dataset_config"] = renamed_errors(
+                check_dataset_config,
+                cfg.validation_dataset_config,
+                list(ctx.data_roots),
+                storage=storage,
+                num_cpus=ctx.num_cpus,
+            )
+        for key in ("early_stopping_patience", "early_stopping_threshold", "init_adapter"):
+            if getattr(cfg, key) is not None:
+                extra[key] = getattr(cfg, key)
 
         model_config = _read_model_config(storage, ctx.model)
         if model_config is not None:
@@ -123,19 +167,21 @@ class PeftLoraBackend:
                     f"max_position_embeddings ({limit}); use at most {limit}.",
                     param=f"{P}.max_seq_length",
                 )
-            check_lora_rank(lora, model_config, ctx.model)
-            _check_lora_targets(storage, ctx.model, lora)
+            if init_path is None:  # an init adapter's config was trained on this model
+                check_lora_rank(lora, model_config, ctx.model)
+                _check_lora_targets(storage, ctx.model, lora)
 
         return {
             "output_dir": output_rel,
             "dataset_config": dataset,
-            "lora_config": lora,
+            "lora_config": dict(cfg.lora_config) if init_path is not None else lora,
             "training_config": dict(cfg.training_config),
             "max_seq_length": cfg.max_seq_length,
             "batching": cfg.batching,
             "tokens_per_batch": cfg.tokens_per_batch,
             "checkpoint_minutes": cfg.checkpoint_minutes,
             "compile": cfg.compile,
+            **extra,
         }
 
     def warm_up(self) -> None:
@@ -169,9 +215,15 @@ class PeftLoraBackend:
         )
         adapter_dir = resolve_inside(backend_root(storage), output_rel, param=f"{P}.output_dir")
         check_output_target(adapter_dir, storage, spec.model)
-        lora = lora_config_with_defaults(cfg.lora_config)
-        lora_obj = build_lora_config(lora)
-        check_training_keys(cfg.training_config)
+        init_path = None
+        if cfg.init_adapter is not None:
+            init_path = resolve_init_adapter(storage, cfg.init_adapter, spec.model, adapter_dir)
+            lora = adapter_lora_config(init_path, cfg.lora_config)
+        else:
+            lora = lora_config_with_defaults(cfg.lora_config)
+            lora_obj = build_lora_config(lora)
+        has_validation = check_validation_config(cfg)
+        check_training_keys(cfg.training_config, validation=has_validation)
 
         check_batching(cfg)
         threads = configure_threads(spec.num_cpus)
@@ -186,6 +238,7 @@ class PeftLoraBackend:
         overrides = {
             **training_overrides(cfg.training_config, use_cuda=use_cuda),
             **precision.overrides,
+            **eval_overrides(cfg.training_config, has_validation),
         }
         args = build_training_arguments(cfg.training_config, scratch, **overrides)
 
@@ -207,16 +260,26 @@ class PeftLoraBackend:
 
         _quiet_datasets()
         ds_cfg = cfg.dataset_config
-        dataset = load_training_dataset(ds_cfg)
-        num_rows = len(dataset)
-        train_set = tokenize_dataset(
-            dataset, tokenizer, ds_cfg.tokenization_field, max_len, num_proc=spec.num_cpus
-        )
+        num_rows, train_set = load_rows(ds_cfg, tokenizer, max_len, spec.num_cpus)
+        valid_set = None
+        if ds_cfg.validation_split is not None:
+            seed = args.data_seed if args.data_seed is not None else args.seed
+            train_set, valid_set = split_rows(train_set, ds_cfg.validation_split, seed)
+        elif cfg.validation_dataset_config is not None:
+            _, valid_set = renamed_errors(
+                load_rows, cfg.validation_dataset_config, tokenizer, max_len, spec.num_cpus
+            )
+        valid_text = f", {len(valid_set)} to validate on" if valid_set is not None else ""
         reporter.event(
             "info",
-            f"Dataset ready: {len(train_set)} of {num_rows} rows to train on "
+            f"Dataset ready: {len(train_set)} of {num_rows} rows to train on{valid_text} "
             f"(max_seq_length {max_len}).",
-            {"num_rows": num_rows, "num_train_rows": len(train_set), "max_seq_length": max_len},
+            {
+                "num_rows": num_rows,
+                "num_train_rows": len(train_set),
+                "num_valid_rows": len(valid_set) if valid_set is not None else None,
+                "max_seq_length": max_len,
+            },
         )
 
         from peft import get_peft_model
@@ -228,7 +291,11 @@ class PeftLoraBackend:
         from transformers import set_seed
 
         set_seed(args.seed)  # LoRA's random init follows the job's seed, like the rest
-        peft_model = get_peft_model(model, lora_obj)
+        if init_path is not None:
+            peft_model = load_trainable(model, init_path)
+            reporter.event("info", f"Starting from the adapter at {cfg.init_adapter}.")
+        else:
+            peft_model = get_peft_model(model, lora_obj)
         trainable, total = peft_model.get_nb_trainable_parameters()
         uncast = lora_inputs_follow_autocast(peft_model) if precision.autocast_dtype else 0
 
@@ -268,6 +335,17 @@ class PeftLoraBackend:
         tracker = TrainingTracker(reporter)
         guard = DivergenceGuard(peft_model)
         callbacks = [guard.callback(), make_progress_callback(tracker), graceful_stop.callback()]
+        validator = None
+        if valid_set is not None:
+            validator = Validator(
+                valid_set,
+                plan.collator,
+                batch_size=args.per_device_eval_batch_size,
+                scratch=scratch,
+                patience=cfg.early_stopping_patience,
+                threshold=cfg.early_stopping_threshold,
+            )
+            callbacks.insert(0, validator.callback())  # its on_save before graceful stop's
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
         manifest = read_manifest(storage, spec.model) or {}
@@ -276,6 +354,8 @@ class PeftLoraBackend:
             config=cfg.model_dump(exclude={"checkpoint_minutes"}),
             base_model=manifest.get("checksum"),
             data=getattr(train_set, "_fingerprint", None) or len(train_set),
+            validation=getattr(valid_set, "_fingerprint", None) if valid_set is not None else None,
+            init_adapter=adapter_digest(init_path) if init_path is not None else None,
             max_seq_length=max_len,
             device=device,  # the token budget's default and the precision follow it
             precision=precision.name,
@@ -297,10 +377,17 @@ class PeftLoraBackend:
                 f"{resumed_from['step']}).",
                 resumed_from,
             )
+        if validator is not None:
+            lost = validator.restore(resume)
+            if lost:
+                reporter.event("warning", lost)
+            tracker.resume_validation(validator.history)
         trainer = make_trainer(
+            validator=validator,
             model=peft_model,
             args=args,
             train_dataset=plan.train_dataset,
+            eval_dataset=valid_set,
             data_collator=plan.collator,
             processing_class=tokenizer,
             callbacks=callbacks,
@@ -318,6 +405,12 @@ class PeftLoraBackend:
                 reporter.event("warning", "torch.compile produced no graph: the job ran eagerly.")
         state = trainer.state
         guard.raise_if_diverged(int(state.global_step), cfg.training_config)
+        validation = None
+        if validator is not None:
+            if not validator.history or validator.history[-1]["step"] != state.global_step:
+                trainer.evaluate()  # the end of the run, when the schedule did not end there
+            validator.apply_best(peft_model)
+            validation = finish_validation(validator, cfg, reporter)
 
         tokenizer.padding_side = saved_padding_side
         final_loss = tracker.loss_history[-1]["loss"] if tracker.loss_history else None
@@ -344,6 +437,10 @@ class PeftLoraBackend:
             "resumed_from": resumed_from,
             "dataset_config": ds_cfg.model_dump(),
             "loss_history": tracker.loss_history,
+            "validation": validation,
+            "best_step": validation["best_step"] if validation else None,
+            "best_valid_loss": validation["best_valid_loss"] if validation else None,
+            "init_adapter": cfg.init_adapter,
             "final_loss": final_loss,
             "train_loss": _float_or_none(train_output.training_loss),
             "trained_tokens": int(state.num_input_tokens_seen or 0),
@@ -376,11 +473,53 @@ class PeftLoraBackend:
                 "trained_tokens": metadata["trained_tokens"],
                 "runtime_s": runtime_s,
                 "steps": metadata["steps"],
+                **(
+                    {
+                        "best_step": validation["best_step"],
+                        "best_valid_loss": validation["best_valid_loss"],
+                    }
+                    if validation
+                    else {}
+                ),
             },
         )
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def load_rows(ds_cfg, tokenizer, max_len: int, num_proc: int):
+    """(rows in the data, the tokenized rows) of one dataset config: the training data and the
+    validation data come through here alike."""
+    dataset = load_training_dataset(ds_cfg)
+    rows = tokenize_dataset(
+        dataset, tokenizer, ds_cfg.tokenization_field, max_len, num_proc=num_proc
+    )
+    return len(dataset), rows
+
+
+def finish_validation(validator: Validator, cfg: BackendConfig, reporter: Reporter) -> dict:
+    """The validation summary for the metadata, and the event saying which adapter is saved."""
+    out = validator.describe()
+    if cfg.validation_dataset_config is not None:
+        out["source"] = describe_dataset(cfg.validation_dataset_config)
+    else:
+        out["source"] = {"validation_split": cfg.dataset_config.validation_split}
+    if validator.stopped_early_at is not None:
+        reporter.event(
+            "info",
+            f"Early stopping at step {validator.stopped_early_at}: {validator.patience} "
+            "evaluation(s) without improvement.",
+            {"step": validator.stopped_early_at},
+        )
+    if validator.best_step is not None:
+        reporter.event(
+            "info",
+            f"Saving the adapter of the best evaluation: step {validator.best_step}, "
+            f"valid_loss {validator.best_loss:.4f}.",
+            {"best_step": validator.best_step, "best_valid_loss": validator.best_loss},
+        )
+    return out
 
 
 class TrainingTracker:
@@ -391,6 +530,7 @@ class TrainingTracker:
         self.loss_history: list[dict[str, Any]] = []
         self.last_loss: float | None = None
         self.last_lr: float | None = None
+        self.last_metrics: dict[str, float | None] = {}  # token accuracy, validation
         self._t0: float | None = None
         self._first_step = 0
         self._first_tokens = 0
@@ -420,21 +560,45 @@ class TrainingTracker:
             trained_tokens=tokens,
             tokens_per_second=_round(tps, 2),
             eta_seconds=_round(eta, 2),
+            **self.last_metrics,
         )
+
+    def resume_validation(self, history: list[dict[str, Any]]) -> None:
+        """The last evaluation of an earlier attempt, shown until the next one."""
+        if history:
+            last = history[-1]
+            self.last_metrics.update({k: last.get(k) for k in (VALID_LOSS, VALID_ACCURACY)})
 
     def log(self, state, logs: dict[str, Any]) -> None:
         if "learning_rate" in logs:
             self.last_lr = _float_or_none(logs["learning_rate"])
+        step = int(state.global_step or 0)
+        total = int(state.max_steps or 0)
         if "loss" in logs:
             loss = _float_or_none(logs["loss"])
-            step = int(state.global_step or 0)
             self.last_loss = loss
-            self.loss_history.append({"step": step, "loss": loss})
-            total = int(state.max_steps or 0)
+            point: dict[str, Any] = {"step": step, "loss": loss}
+            if TRAIN_ACCURACY in logs:
+                point[TRAIN_ACCURACY] = self.last_metrics[TRAIN_ACCURACY] = _round(
+                    logs[TRAIN_ACCURACY], 6
+                )
+            self.loss_history.append(point)
             self.reporter.event(
                 "loss",
                 f"step {step}/{total}: loss {loss:.4f}" if loss is not None else f"step {step}",
-                {"step": step, "loss": loss},
+                point,
+            )
+        if VALID_LOSS in logs:
+            valid = {k: _float_or_none(logs.get(k)) for k in (VALID_LOSS, VALID_ACCURACY)}
+            self.last_metrics.update(valid)
+            loss, accuracy = valid[VALID_LOSS], valid[VALID_ACCURACY]
+            self.reporter.event(
+                "metric",
+                f"step {step}/{total}: valid_loss {loss:.4f}, valid_mean_token_accuracy "
+                f"{accuracy:.4f}"
+                if loss is not None and accuracy is not None
+                else f"step {step}: validation",
+                {"step": step, **valid},
             )
         self.report(state)
 

@@ -181,16 +181,22 @@ def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> di
     return out
 
 
-def make_trainer(**kwargs):
+def make_trainer(*, validator=None, **kwargs):
     """A `transformers.Trainer` that takes each batch's trained-token count (a host-side int the
-    collator put there) out of the batch and adds it to `state.num_input_tokens_seen`."""
+    collator put there) out of the batch and adds it to `state.num_input_tokens_seen`; and that
+    evaluates through `validator` and counts the training batches' token accuracy
+    (`sllm.finetune.evaluation.ValidationMixin`)."""
     from transformers import Trainer
 
-    class SllmTrainer(Trainer):
+    from sllm.finetune.evaluation import ValidationMixin
+
+    class SllmTrainer(ValidationMixin, Trainer):
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             for batch in batches:
                 self.state.num_input_tokens_seen += int(batch.pop(NUM_TOKENS, 0) or 0)
             return batches, num_items
 
-    return SllmTrainer(**kwargs)
+    trainer = SllmTrainer(**kwargs)
+    trainer.validator = validator
+    return trainer

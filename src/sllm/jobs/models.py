@@ -80,6 +80,9 @@ class JobProgress(BaseModel):
     trained_tokens: int | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    train_mean_token_accuracy: float | None = None
+    valid_loss: float | None = None  # the last evaluation's (jobs with validation data)
+    valid_mean_token_accuracy: float | None = None
 
 
 class JobStatusBody(BaseModel):
