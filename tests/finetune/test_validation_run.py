@@ -209,3 +209,85 @@ def test_early_stopping_stops_and_keeps_the_best_adapter(
     saved = reference_loss(ft_storage, result.adapter_path, rows)
     assert saved == pytest.approx(losses[1], rel=1e-4)
     assert saved != pytest.approx(losses[-1], rel=1e-3)
+
+
+def adapter_weights(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_a_resumed_run_keeps_the_best_adapter_found_before_the_restart(
+    backend, ft_storage, data_dir, pirate_file
+):
+    """Checkpoints every step; the run is cut back to its step-2 checkpoint (what a restart
+    after a kill at step 3 leaves) and run again: it replays the evaluations, finds the best
+    weights of the steps it skips, and ends with the uninterrupted run's adapter."""
+    import shutil
+
+    import torch
+
+    from sllm.paths import jobs_dir
+
+    valid = write_jsonl(data_dir / "numbers.jsonl", gibberish_rows(8))
+    training = {"learning_rate": 0.2, "max_steps": 4, "eval_steps": 1}
+    training |= {"save_strategy": "steps", "save_steps": 1, "save_total_limit": 4}
+    cfg = config(pirate_file, "resume_best_adapter", valid=valid, training=training)
+    first, meta1, _ = run(backend, ft_storage, cfg, [data_dir], "val-resume")
+    assert meta1["best_step"] == 2  # then the validation loss rises (see the test above)
+    scratch = jobs_dir(ft_storage) / "val-resume" / "trainer"
+    assert sorted(p.name for p in scratch.glob("best-*")) == ["best-2.safetensors"]
+    weights1 = adapter_weights(first.adapter_path)
+
+    for step in (3, 4):
+        shutil.rmtree(scratch / f"checkpoint-{step}")
+    second, meta2, reporter = run(backend, ft_storage, cfg, [data_dir], "val-resume")
+    assert meta2["resumed_from"]["step"] == 2
+    assert [e["data"]["step"] for e in reporter.events("metric")] == [3, 4]  # 1, 2 replayed
+    assert [h["step"] for h in meta2["validation"]["history"]] == [1, 2, 3, 4]
+    assert meta2["best_step"] == 2
+    assert meta2["best_valid_loss"] == pytest.approx(meta1["best_valid_loss"], rel=1e-6)
+    weights2 = adapter_weights(second.adapter_path)
+    for name, value in weights1.items():
+        assert torch.allclose(value, weights2[name], atol=1e-6), name
+
+
+def test_init_adapter_continues_from_the_earlier_weights(
+    backend, ft_storage, data_dir, pirate_file, pirate_rows
+):
+    first_cfg = config(pirate_file, "init_first_adapter", training={"max_steps": 5})
+    first, meta1, _ = run(backend, ft_storage, first_cfg, [data_dir], "init-first")
+
+    valid = write_jsonl(data_dir / "valid.jsonl", pirate_rows[100:110])
+    cfg = config(
+        pirate_file,
+        "init_second_adapter",
+        valid=valid,
+        init_adapter="init_first_adapter",
+        lora_config={},  # taken from the earlier adapter
+        training={"max_steps": 2, "eval_on_start": True, "eval_strategy": "steps"},
+    )
+    second, meta2, reporter = run(backend, ft_storage, cfg, [data_dir], "init-second")
+
+    # the step-0 evaluation is the earlier adapter's, exactly
+    from sllm.store.loader import load_model
+
+    _, tok = load_model(ft_storage, "tiny")
+    rows = [
+        tok(r["prompt"], truncation=True, max_length=32)["input_ids"] for r in pirate_rows[100:110]
+    ]
+    start = meta2["validation"]["history"][0]
+    assert start["step"] == 0
+    assert start["valid_loss"] == pytest.approx(
+        reference_loss(ft_storage, first.adapter_path, rows), rel=1e-4
+    )
+    # training goes on where the first run ended, not from fresh LoRA weights
+    first_losses = [p["loss"] for p in meta1["loss_history"]]
+    resumed = meta2["loss_history"][0]["loss"]
+    assert abs(resumed - first_losses[-1]) < abs(resumed - first_losses[0])
+    assert meta2["init_adapter"] == "init_first_adapter"
+    assert meta2["lora_config"]["r"] == 4 and meta2["lora_config"]["lora_alpha"] == 16
+    saved = json.loads((second.adapter_path / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and saved["base_model_name_or_path"] == "tiny"
+    assert (first.adapter_path / "adapter_model.safetensors").is_file()  # the earlier one stays
+    assert any("Starting from the adapter" in e["message"] for e in reporter.events("info"))

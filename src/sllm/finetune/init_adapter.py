@@ -139,10 +139,15 @@ def load_trainable(model, adapter: Path):
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     except Exception as exc:  # noqa: BLE001 - shapes that do not fit, a corrupt file
         raise InvalidRequestError(
             f"`{PARAM}`: the adapter at {adapter} does not load onto the base model "
             f"({type(exc).__name__}: {str(exc)[:200]}).",
             param=PARAM,
         ) from None
+    # As `get_peft_model` records it: the base model's local path, so that saving finds its
+    # config on disk (the adapter's file names the model by its store name instead).
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = getattr(model, "name_or_path", None)
+    return peft_model
