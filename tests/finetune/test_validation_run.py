@@ -140,18 +140,19 @@ def test_validation_split_reports_metrics_and_matches_a_reference(
     assert meta["best_valid_loss"] == pytest.approx(expected, rel=1e-4)
 
 
-def test_validation_dataset_padded_with_eval_steps_and_a_final_evaluation(
-    backend, ft_storage, data_dir, pirate_file, pirate_rows
+@pytest.mark.parametrize("batching", ["padded", "token_budget"])
+def test_validation_dataset_with_eval_steps_and_a_final_evaluation(
+    backend, ft_storage, data_dir, pirate_file, pirate_rows, batching
 ):
     valid = write_jsonl(data_dir / "valid.jsonl", pirate_rows[100:112])
     cfg = config(
         pirate_file,
-        "valid_file_adapter",
+        f"valid_{batching}_adapter",
         valid=valid,
-        batching="padded",
+        batching=batching,
         training={"eval_strategy": "steps", "eval_steps": 2, "max_steps": 5},
     )
-    result, meta, reporter = run(backend, ft_storage, cfg, [data_dir], "val-file")
+    result, meta, reporter = run(backend, ft_storage, cfg, [data_dir], f"val-{batching}")
 
     history = meta["validation"]["history"]
     assert [h["step"] for h in history] == [2, 4, 5]  # every 2 steps, and at the end
@@ -159,7 +160,7 @@ def test_validation_dataset_padded_with_eval_steps_and_a_final_evaluation(
     assert meta["validation"]["source"]["data_files"] == str(valid)
     best = min(history, key=lambda h: h["valid_loss"])
     assert meta["best_step"] == best["step"]
-    # the padded collator's evaluation agrees with the same reference
+    # the padded and token-budget collators' evaluations agree with the same reference
     import torch  # noqa: F401 - (the reference loads the model)
 
     from sllm.store.loader import load_model
