@@ -87,11 +87,12 @@ class ThrottledReporter:
         self._last_write = 0.0
         self._pending: dict[str, Any] | None = None
         self.thinner = LossThinner()
+        self.metric_thinner = LossThinner()  # validation metrics, when evaluated that often
 
     def progress(self, **fields: Any) -> None:
         self._pending = {k: v for k, v in fields.items() if v is not None}
         if self._pending.get("total_steps"):
-            self.thinner.total = int(self._pending["total_steps"])
+            self.thinner.total = self.metric_thinner.total = int(self._pending["total_steps"])
         now = time.monotonic()
         if now - self._last_write >= PROGRESS_MIN_INTERVAL_S:
             self.flush()
@@ -107,13 +108,14 @@ class ThrottledReporter:
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         step = (data or {}).get("step")
-        if kind == "loss" and isinstance(step, int) and not self.thinner.keep(step):
-            if self.thinner.skipped == 1:
+        thinner = {"loss": self.thinner, "metric": self.metric_thinner}.get(kind)
+        if thinner is not None and isinstance(step, int) and not thinner.keep(step):
+            if thinner.skipped == 1:
                 self._event(
                     "info",
-                    f"From step {step} on, loss events are thinned (one per step/"
+                    f"From step {step} on, {kind} events are thinned (one per step/"
                     f"{LOSS_STRIDE_DIVISOR} steps, and the last); the progress field follows "
-                    "every step and the adapter's training_metadata.json keeps the whole loss "
+                    f"every step and the adapter's training_metadata.json keeps the whole {kind} "
                     "history.",
                     {"step": step},
                 )
