@@ -154,6 +154,11 @@ def _token_counts(logits, labels, *, with_loss: bool = True):
     return (losses * mask.flatten()).sum(), right, total
 
 
+def _finite(value: float | None) -> float | None:
+    """None for NaN/Infinity: the metadata and the job record are strict JSON."""
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
@@ -221,7 +226,7 @@ class Validator:
     def record(self, step: int, metrics: dict[str, float], model) -> bool:
         """Note the evaluation at `step`; returns True when training should stop early."""
         loss = metrics[VALID_LOSS]
-        self.history.append({"step": step, **metrics})
+        self.history.append({"step": step, **{k: _finite(v) for k, v in metrics.items()}})
         if self._update(step, loss):
             self.best_weights = trainable_state(model)
             self._persist_best(step)

@@ -260,15 +260,8 @@ class PeftLoraBackend:
 
         _quiet_datasets()
         ds_cfg = cfg.dataset_config
-        num_rows, train_set = load_rows(ds_cfg, tokenizer, max_len, spec.num_cpus)
-        valid_set = None
-        if ds_cfg.validation_split is not None:
-            seed = args.data_seed if args.data_seed is not None else args.seed
-            train_set, valid_set = split_rows(train_set, ds_cfg.validation_split, seed)
-        elif cfg.validation_dataset_config is not None:
-            _, valid_set = renamed_errors(
-                load_rows, cfg.validation_dataset_config, tokenizer, max_len, spec.num_cpus
-            )
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        num_rows, train_set, valid_set = load_datasets(cfg, tokenizer, max_len, spec.num_cpus, seed)
         valid_text = f", {len(valid_set)} to validate on" if valid_set is not None else ""
         reporter.event(
             "info",
@@ -498,6 +491,20 @@ def load_rows(ds_cfg, tokenizer, max_len: int, num_proc: int):
     return len(dataset), rows
 
 
+def load_datasets(cfg: BackendConfig, tokenizer, max_len: int, num_proc: int, seed: int):
+    """(rows in the training data, training rows, validation rows or None)."""
+    num_rows, train_set = load_rows(cfg.dataset_config, tokenizer, max_len, num_proc)
+    split = cfg.dataset_config.validation_split
+    if split is not None:
+        return (num_rows, *split_rows(train_set, split, seed))
+    if cfg.validation_dataset_config is not None:
+        _, valid_set = renamed_errors(
+            load_rows, cfg.validation_dataset_config, tokenizer, max_len, num_proc
+        )
+        return num_rows, train_set, valid_set
+    return num_rows, train_set, None
+
+
 def finish_validation(validator: Validator, cfg: BackendConfig, reporter: Reporter) -> dict:
     """The validation summary for the metadata, and the event saying which adapter is saved."""
     out = validator.describe()
@@ -589,7 +596,7 @@ class TrainingTracker:
                 point,
             )
         if VALID_LOSS in logs:
-            valid = {k: _float_or_none(logs.get(k)) for k in (VALID_LOSS, VALID_ACCURACY)}
+            valid = {k: _finite_or_none(logs.get(k)) for k in (VALID_LOSS, VALID_ACCURACY)}
             self.last_metrics.update(valid)
             loss, accuracy = valid[VALID_LOSS], valid[VALID_ACCURACY]
             self.reporter.event(
@@ -976,6 +983,11 @@ def _float_or_none(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    value = _float_or_none(value)
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _round(value: Any, ndigits: int) -> float | None:
