@@ -140,7 +140,9 @@ def test_validation_split_reports_metrics_and_matches_a_reference(
     assert meta["best_valid_loss"] == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("batching", ["padded", "token_budget"])
+@pytest.mark.parametrize(
+    "batching", ["padded", pytest.param("token_budget", marks=pytest.mark.slow)]
+)
 def test_validation_dataset_with_eval_steps_and_a_final_evaluation(
     backend, ft_storage, data_dir, pirate_file, pirate_rows, batching
 ):

@@ -291,9 +291,11 @@ class Validator:
         state = read_state(checkpoint) or {}
         for entry in state.get("log_history", []):
             if isinstance(entry, dict) and VALID_LOSS in entry and "step" in entry:
-                step, loss = int(entry["step"]), float(entry[VALID_LOSS])
+                step, value = int(entry["step"]), entry[VALID_LOSS]
+                loss = float(value) if isinstance(value, (int, float)) else math.nan
+                accuracy = entry.get(VALID_ACCURACY)
                 self.history.append(
-                    {"step": step, VALID_LOSS: loss, VALID_ACCURACY: entry.get(VALID_ACCURACY)}
+                    {"step": step, VALID_LOSS: _finite(loss), VALID_ACCURACY: _finite(accuracy)}
                 )
                 self._update(step, loss)
         self._checkpointed_best = self.best_step
