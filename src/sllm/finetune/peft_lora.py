@@ -56,11 +56,13 @@ from sllm.finetune.config import (
     parse_backend_config,
     token_budget,
 )
-from sllm.finetune.data import (
-    check_dataset_config,
-    describe_dataset,
-    load_training_dataset,
-    tokenize_dataset,
+from sllm.finetune.data import check_dataset_config, describe_dataset
+from sllm.finetune.formats import (
+    model_has_chat_template,
+    no_template_message,
+    prepare_dataset,
+    report_dataset,
+    submit_note,
 )
 from sllm.finetune.speed import (
     choose_precision,
@@ -69,6 +71,7 @@ from sllm.finetune.speed import (
     compiled_graphs,
     configure_threads,
     lora_inputs_follow_autocast,
+    loss_tokens_seen,
     make_trainer,
     repeated_layers,
     training_overrides,
@@ -110,9 +113,19 @@ class PeftLoraBackend:
             cfg.training_config, cuda_available=_cuda_available(), num_cpus=ctx.num_cpus
         )
         # The data last: it is the one check that reads more than a few bytes.
+        seen: dict[str, Any] = {}
         dataset = check_dataset_config(
-            cfg.dataset_config, list(ctx.data_roots), storage=storage, num_cpus=ctx.num_cpus
+            cfg.dataset_config,
+            list(ctx.data_roots),
+            storage=storage,
+            num_cpus=ctx.num_cpus,
+            summary=seen,
         )
+        if seen.get("format", cfg.dataset_config.format) == "chat" and not model_has_chat_template(
+            model_dir(storage, ctx.model)
+        ):
+            raise InvalidRequestError(no_template_message(), param=f"{P}.dataset_config.format")
+        ctx.created_note = submit_note(seen, cfg.training_config)
 
         model_config = _read_model_config(storage, ctx.model)
         if model_config is not None:
@@ -207,17 +220,8 @@ class PeftLoraBackend:
 
         _quiet_datasets()
         ds_cfg = cfg.dataset_config
-        dataset = load_training_dataset(ds_cfg)
-        num_rows = len(dataset)
-        train_set = tokenize_dataset(
-            dataset, tokenizer, ds_cfg.tokenization_field, max_len, num_proc=spec.num_cpus
-        )
-        reporter.event(
-            "info",
-            f"Dataset ready: {len(train_set)} of {num_rows} rows to train on "
-            f"(max_seq_length {max_len}).",
-            {"num_rows": num_rows, "num_train_rows": len(train_set), "max_seq_length": max_len},
-        )
+        train_set, data_stats = prepare_dataset(ds_cfg, tokenizer, max_len, num_proc=spec.num_cpus)
+        report_dataset(reporter, data_stats, max_len)
 
         from peft import get_peft_model
 
@@ -331,11 +335,7 @@ class PeftLoraBackend:
             "created_at": datetime.now(timezone.utc).isoformat(),
             "base_model": {"name": spec.model, "checksum": manifest.get("checksum")},
             "output_dir": output_rel,
-            "dataset": {
-                **describe_dataset(ds_cfg),
-                "num_rows": num_rows,
-                "num_train_rows": len(train_set),
-            },
+            "dataset": {**describe_dataset(ds_cfg), **data_stats},
             "max_seq_length": max_len,
             "lora_config": lora,
             "training_config": dict(cfg.training_config),
@@ -346,7 +346,8 @@ class PeftLoraBackend:
             "loss_history": tracker.loss_history,
             "final_loss": final_loss,
             "train_loss": _float_or_none(train_output.training_loss),
-            "trained_tokens": int(state.num_input_tokens_seen or 0),
+            "trained_tokens": loss_tokens_seen(state),  # tokens that carried loss
+            "processed_tokens": int(state.num_input_tokens_seen or 0),  # all, prompts included
             "steps": int(state.global_step),
             "epochs": _float_or_none(state.epoch),
             "trainable_params": trainable,
@@ -404,6 +405,7 @@ class TrainingTracker:
         step = int(state.global_step or 0)
         total = int(state.max_steps or 0) or None
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        trained = loss_tokens_seen(state)
         elapsed = time.monotonic() - self._t0 if self._t0 is not None else None
         done_tokens = tokens - self._first_tokens  # this attempt's, as `elapsed` is
         tps = done_tokens / elapsed if elapsed and elapsed > 0 else None
@@ -417,7 +419,7 @@ class TrainingTracker:
             epoch=_round(state.epoch, 4),
             loss=self.last_loss,
             learning_rate=self.last_lr,
-            trained_tokens=tokens,
+            trained_tokens=trained,
             tokens_per_second=_round(tps, 2),
             eta_seconds=_round(eta, 2),
         )

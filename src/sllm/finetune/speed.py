@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.finetune.packing import NUM_TOKENS
+from sllm.finetune.packing import pop_counts
 
 CUDA_LOGGING_STEPS = 10
 
@@ -181,16 +181,28 @@ def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> di
     return out
 
 
+LOSS_TOKENS_ATTR = "sllm_loss_tokens_seen"
+
+
+def loss_tokens_seen(state) -> int:
+    """Tokens that carried loss so far in this attempt (see `make_trainer`)."""
+    return int(getattr(state, LOSS_TOKENS_ATTR, 0) or 0)
+
+
 def make_trainer(**kwargs):
-    """A `transformers.Trainer` that takes each batch's trained-token count (a host-side int the
-    collator put there) out of the batch and adds it to `state.num_input_tokens_seen`."""
+    """A `transformers.Trainer` that takes each batch's token counts (host-side ints the collator
+    put there) out of the batch: processed tokens add to `state.num_input_tokens_seen`, tokens
+    that carry loss to `loss_tokens_seen(state)`."""
     from transformers import Trainer
 
     class SllmTrainer(Trainer):
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             for batch in batches:
-                self.state.num_input_tokens_seen += int(batch.pop(NUM_TOKENS, 0) or 0)
+                processed, loss = pop_counts(batch)
+                self.state.num_input_tokens_seen += processed
+                # not a TrainerState field (not in checkpoints): read with `loss_tokens_seen`
+                setattr(self.state, LOSS_TOKENS_ATTR, loss_tokens_seen(self.state) + loss)
             return batches, num_items
 
     return SllmTrainer(**kwargs)
