@@ -260,7 +260,9 @@ def test_non_text_field_is_a_clear_error(backend, ft_storage, reporter, data_dir
     ctx = ValidationContext(ft_storage, data_roots=[data_dir], model="tiny")
     normalised = backend.validate(local_config(data), ctx)
     write_jsonl(data, [{"prompt": 31337}, {"prompt": 4}])
-    with pytest.raises(InvalidRequestError, match="must hold text") as info:
+    with pytest.raises(
+        InvalidRequestError, match="row 1: column .prompt. holds a number, not text"
+    ) as info:
         backend.run(JobSpec("job-int", "tiny", ft_storage, normalised, num_cpus=1), reporter)
     assert "31337" not in info.value.message
 
