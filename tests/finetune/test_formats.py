@@ -198,6 +198,28 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tiny_tok, tmp_path):
         formats.prepare_dataset(ds, odd, 256)
 
 
+# A reasoning-style template: earlier answers lose their "(thinking)" once later turns follow,
+# so prefixes do not render incrementally; it marks its answers with {% generation %}.
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{% if loop.last %}(thinking) {% endif %}{{ m['content'] }}<|im_end|>{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_rewriting_template_with_generation_marks_uses_them(tiny_tok):
+    import copy
+
+    gen = copy.deepcopy(tiny_tok)
+    gen.chat_template = GENERATION_TEMPLATE
+    ids, labels, _ = RowTokenizer(gen, "chat")(CHAT_ROW)
+    assert spans(gen, ids, labels) == ["Arr, the sea be wet!<|im_end|>",
+                                       "(thinking) Fair winds to ye.<|im_end|>"]  # fmt: skip
+    assert "Blue, matey." in gen.decode(ids)  # the weight-0 answer: context only
+
+
 # ------------------------------------------------------------------------------- the dataset
 
 

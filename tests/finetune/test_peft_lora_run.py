@@ -85,6 +85,7 @@ def check_progress(reporter: RecordingReporter, steps: int) -> None:
         "loss",
         "learning_rate",
         "trained_tokens",
+        "processed_tokens",
         "tokens_per_second",
         "eta_seconds",
     }
@@ -93,6 +94,7 @@ def check_progress(reporter: RecordingReporter, steps: int) -> None:
     assert last["eta_seconds"] == 0
     tokens = [p["trained_tokens"] for p in progress]
     assert tokens == sorted(tokens) and tokens[-1] > 0
+    assert last["processed_tokens"] > last["trained_tokens"]  # the first tokens carry no loss
     losses = reporter.events("loss")
     assert [e["data"]["step"] for e in losses] == list(range(1, steps + 1))
     assert all(isinstance(e["data"]["loss"], float) for e in losses)

@@ -22,7 +22,10 @@ and up to its end are rendered too, must be string prefixes of the whole (else t
 rewrites history and the row is refused), and are tokenized; their token counts are the answer's
 bounds when their tokens are a prefix of the whole's. Where a token merges across a bound (rare:
 chat templates put special tokens there), the longest common token prefix decides and the merged
-token counts as answer. Pieces are never tokenized separately and glued together.
+token counts as answer. Pieces are never tokenized separately and glued together. A template
+that rewrites earlier turns (a reasoning model dropping old thoughts) is refused unless it marks
+the answers with `{% generation %}`, whose `return_assistant_tokens_mask` is then used (as TRL's
+`assistant_only_loss` does).
 
 `check_row` and `detect_format` are cheap and pure (no tokenizer): the submit-time scan and the
 Files API call them line by line.
@@ -30,6 +33,7 @@ Files API call them line by line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -224,16 +228,53 @@ class RowTokenizer:
             after = self._render(plain[: i + 1], False).rstrip()
             prefixes = full.startswith(before) and full.startswith(after)
             if not (prefixes and len(after) >= len(before)):
-                raise ChatTemplateError(
-                    "the model's chat template renders a conversation's earlier turns "
-                    "differently once later turns follow, so the answers' tokens cannot be "
-                    "located exactly"
-                )
+                return self._generation_masked(plain, messages)
             start, m1 = _bound(self._encode(before), ids, inclusive=False)
             end, m2 = _bound(self._encode(after), ids, inclusive=True)
             labels[start:end] = ids[start:end]
             merged = merged or m1 or m2
         return ids, labels, merged
+
+    def _generation_masked(self, plain, messages) -> tuple[list[int], list[int], bool]:
+        """For a template that rewrites earlier turns (reasoning models drop old thoughts):
+        the template's own `{% generation %}` marks, if it has them, give the answers' tokens
+        (`return_assistant_tokens_mask`); one marked run per assistant message."""
+        why = (
+            "the model's chat template renders a conversation's earlier turns differently once "
+            "later turns follow, and marks no answers with {% generation %}, so the answers' "
+            "tokens cannot be located exactly"
+        )
+        if not _GENERATION_TAG.search(self.tokenizer.chat_template or ""):
+            raise ChatTemplateError(why)
+        out = self.tokenizer.apply_chat_template(
+            plain, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        runs = _runs(mask)
+        answers = [m for m in messages if m["role"] == "assistant"]
+        if len(runs) != len(answers):
+            raise ChatTemplateError(why.replace("marks no answers", "does not mark each answer"))
+        labels = [IGNORE] * len(ids)
+        for (start, end), m in zip(runs, answers, strict=True):
+            if m.get("weight", 1) != 0:
+                labels[start:end] = ids[start:end]
+        return ids, labels, False
+
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _runs(mask: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of 1s."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 def _as_messages(row: Mapping[str, Any]) -> list[dict[str, str]]:

@@ -420,6 +420,7 @@ class TrainingTracker:
             loss=self.last_loss,
             learning_rate=self.last_lr,
             trained_tokens=trained,
+            processed_tokens=tokens,
             tokens_per_second=_round(tps, 2),
             eta_seconds=_round(eta, 2),
         )
