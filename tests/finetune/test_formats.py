@@ -282,3 +282,32 @@ def test_implied_steps_follow_the_training_config():
                                        "num_train_epochs": 2}) == 20  # fmt: skip
     assert formats.implied_steps(100, {"gradient_accumulation_steps": 4}) == 9
     assert formats.implied_steps(100, {"max_steps": 7}) == 7
+
+
+FINGERPRINT = """
+import sys
+from sllm.finetune import formats
+from sllm.finetune.config import DatasetConfig
+from sllm.testing import make_tokenizer
+tok = make_tokenizer()
+ds = DatasetConfig(dataset_source="local", data_files=sys.argv[1], extension_type="json")
+print(formats.prepare_dataset(ds, tok, 64)[0]._fingerprint)
+"""
+
+
+def test_the_tokenized_datasets_fingerprint_is_the_same_in_every_process(tmp_path):
+    """The fingerprint is part of what a checkpoint is resumed by: a new worker process (other
+    hash seed) must compute the same one."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "c.jsonl", [CHAT_ROW] * 3)
+    prints = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "HF_DATASETS_CACHE": str(tmp_path / seed)}
+        out = subprocess.run([sys.executable, "-c", FINGERPRINT, str(path)], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        prints.add(out.stdout.strip().splitlines()[-1])
+    assert len(prints) == 1, prints

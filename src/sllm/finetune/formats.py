@@ -322,24 +322,7 @@ def tokenize_rows(dataset, ds_cfg: DatasetConfig, tokenizer, max_seq_length: int
         tokenizer, fmt, field=ds_cfg.tokenization_field, train_on_inputs=ds_cfg.train_on_inputs,
         use_chat_template=ds_cfg.use_chat_template,
     )  # fmt: skip
-
-    def tokenize(batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "_cut": [], "_merged": []}
-        for n, i in enumerate(indices):
-            row = {c: batch[c][n] for c in columns}
-            problem = check_row(row, fmt, ds_cfg.tokenization_field)
-            if problem:
-                raise InvalidRequestError(f"`{DS}`: row {i + 1}: {problem}.", param=DS)
-            try:
-                ids, labels, merged = encode(row)
-            except ChatTemplateError as exc:
-                raise InvalidRequestError(f"`{DS}`: row {i + 1}: {exc}.", param=DS) from None
-            out["_cut"].append(len(ids) > max_seq_length)
-            out["input_ids"].append(ids[:max_seq_length])
-            out["labels"].append(labels[:max_seq_length])
-            out["_merged"].append(merged)
-        return out
-
+    tokenize = _TokenizeBatch(encode, columns, fmt, ds_cfg.tokenization_field, max_seq_length)
     tokenized = dataset.map(
         tokenize,
         batched=True,
@@ -357,6 +340,37 @@ def tokenize_rows(dataset, ds_cfg: DatasetConfig, tokenizer, max_seq_length: int
             param=DS,
         )
     return kept.remove_columns(["_cut", "_merged"]), stats
+
+
+class _TokenizeBatch:
+    """`Dataset.map`'s function. An object of a module-level class holding plain values, not a
+    closure: `datasets` hashes the function for the cache fingerprint (which decides whether a
+    checkpoint is resumed), and a closure's hash takes in module globals whose set-ordering
+    differs from process to process."""
+
+    def __init__(self, encode: RowTokenizer, columns, fmt, field, max_seq_length: int) -> None:
+        self.encode = encode
+        self.columns = list(columns)
+        self.fmt = fmt
+        self.field = field
+        self.max_seq_length = max_seq_length
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "_cut": [], "_merged": []}
+        for n, i in enumerate(indices):
+            row = {c: batch[c][n] for c in self.columns}
+            problem = check_row(row, self.fmt, self.field)
+            if problem:
+                raise InvalidRequestError(f"`{DS}`: row {i + 1}: {problem}.", param=DS)
+            try:
+                ids, labels, merged = self.encode(row)
+            except ChatTemplateError as exc:
+                raise InvalidRequestError(f"`{DS}`: row {i + 1}: {exc}.", param=DS) from None
+            out["_cut"].append(len(ids) > self.max_seq_length)
+            out["input_ids"].append(ids[: self.max_seq_length])
+            out["labels"].append(labels[: self.max_seq_length])
+            out["_merged"].append(merged)
+        return out
 
 
 def _trainable(row: dict[str, Any]) -> bool:

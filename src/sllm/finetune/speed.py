@@ -181,12 +181,23 @@ def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> di
     return out
 
 
-LOSS_TOKENS_ATTR = "sllm_loss_tokens_seen"
+# Kept in `TrainerState.stateful_callbacks` (a dict saved with every checkpoint and loaded back
+# on resume, which transformers leaves alone under a name no callback has), so a resumed job
+# counts the tokens of its earlier attempts too.
+COUNTS_KEY = "SllmTokenCounts"
 
 
 def loss_tokens_seen(state) -> int:
-    """Tokens that carried loss so far in this attempt (see `make_trainer`)."""
-    return int(getattr(state, LOSS_TOKENS_ATTR, 0) or 0)
+    """Tokens that carried loss so far (see `make_trainer`)."""
+    counts = getattr(state, "stateful_callbacks", None)
+    entry = counts.get(COUNTS_KEY) if isinstance(counts, dict) else None
+    return int((entry or {}).get("loss_tokens", 0) or 0)
+
+
+def _add_loss_tokens(state, n: int) -> None:
+    if not isinstance(getattr(state, "stateful_callbacks", None), dict):
+        state.stateful_callbacks = {}
+    state.stateful_callbacks[COUNTS_KEY] = {"loss_tokens": loss_tokens_seen(state) + n}
 
 
 def make_trainer(**kwargs):
@@ -201,8 +212,7 @@ def make_trainer(**kwargs):
             for batch in batches:
                 processed, loss = pop_counts(batch)
                 self.state.num_input_tokens_seen += processed
-                # not a TrainerState field (not in checkpoints): read with `loss_tokens_seen`
-                setattr(self.state, LOSS_TOKENS_ATTR, loss_tokens_seen(self.state) + loss)
+                _add_loss_tokens(self.state, loss)
             return batches, num_items
 
     return SllmTrainer(**kwargs)
