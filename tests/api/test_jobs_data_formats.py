@@ -88,3 +88,26 @@ def test_first_event_reports_rows_tokens_and_steps(srv):
         assert first["data"]["rows"] == 10 and first["data"]["estimated_tokens"] > 0
     finally:
         srv.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+
+
+def test_chat_format_from_a_csv_file_is_400(srv):
+    path = srv.storage / "data" / "chat.csv"
+    path.write_text("messages\nhello\n")
+    cfg = chat_job(srv, "unused.jsonl", [GOOD], format="chat")
+    cfg["backend_config"]["dataset_config"].update(data_files=str(path), extension_type="csv")
+    assert_refused(srv, "chat rows need JSON Lines", json=cfg)
+
+
+def test_seed_text_rows_still_pass_and_report_their_size(srv):
+    """The seed's config (text rows, `tokenization_field`) is unchanged, and its first event
+    also says rows, tokens and steps."""
+    cfg = job_config(srv.storage)  # data/train.jsonl: 24 rows of "prompt" text
+    cfg["backend_config"]["training_config"].update(num_train_epochs=1, max_steps=-1)
+    r = srv.client.post("/v1/fine-tuning/jobs", json=cfg)
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    try:
+        events = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"]
+        assert "24 text rows" in events[0]["message"] and "6 steps" in events[0]["message"]
+    finally:
+        srv.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
