@@ -334,9 +334,14 @@ def tokenize_rows(dataset, ds_cfg: DatasetConfig, tokenizer, max_seq_length: int
     kept = tokenized.filter(_trainable, desc="Dropping rows without loss")
     stats = _stats(fmt, encode.chat, tokenized, kept)
     if len(kept) == 0:
+        what = (
+            f"every row of column {ds_cfg.tokenization_field!r} is empty"
+            if fmt == TEXT
+            else f"every answer is empty or cut off by max_seq_length {max_seq_length}"
+        )
         raise InvalidRequestError(
-            f"`{DS}`: no row has a token to train on after tokenization (empty, or every answer "
-            f"cut off by max_seq_length {max_seq_length}); nothing to train on.",
+            f"`{DS}`: no row has a token to train on after tokenization ({what}); nothing to "
+            "train on.",
             param=DS,
         )
     return kept.remove_columns(["_cut", "_merged"]), stats
