@@ -150,7 +150,8 @@ class _Reporter:
         self.events: list[tuple[str, str, Any]] = []
 
     def progress(self, **fields: Any) -> None:
-        self.steps.add(fields.get("trained_tokens") or 0)
+        # every token through the model, as the baseline's count is (loss tokens are fewer)
+        self.steps.add(fields.get("processed_tokens") or fields.get("trained_tokens") or 0)
 
     def event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         self.events.append((kind, message, data))
@@ -197,7 +198,7 @@ def run_job(prep: dict, work: Workload, device: str, variant: str) -> dict[str, 
     result = backend.run(spec, reporter)
     meta = json.loads((result.adapter_path / "training_metadata.json").read_text())
     return {
-        "trained_tokens": meta["trained_tokens"],
+        "trained_tokens": meta.get("processed_tokens", meta["trained_tokens"]),
         "train_s": meta["train_runtime_s"],
         **reporter.steps.steady(),
         "end_to_end_s": time.perf_counter() - started,

@@ -1,8 +1,9 @@
 """The README's main job: the seed workflow end to end, offline, on SmolLM2-135M-Instruct.
 
-1. `sllm-store save` the bundled model; 2. `sllm start`; 3. submit the fine-tuning job; 4. follow
-it with a live progress bar to `completed` and list the adapter; 5. deploy the adapter and ask
-base and adapter the same question, side by side.
+1. `sllm-store save` the bundled model; 2. `sllm start`; 3. submit the fine-tuning job (chat data:
+a system prompt, user questions, pirate answers; the loss on the answers only); 4. follow it with
+a live progress bar and its loss lines to `completed` and list the adapter; 5. deploy the adapter
+and ask base and adapter the same question through `/v1/chat/completions`, side by side.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from sllm.testing import LocalServer
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "examples" / "fine_tuning" / "demo_config.json"
 QUESTION = "What is the best way to learn to sail?"
-
+# The training conversations' system prompt (examples/fine_tuning/data/make_pirate_prompts.py):
+# base and adapter get the same one, so only the adapter makes the difference.
+SYSTEM_PROMPT = "You are the ship's assistant. Answer the crew's questions."
 console = Console()
 
 
@@ -82,11 +85,13 @@ def follow(server: LocalServer, job_id: str) -> dict:
         TextColumn("{task.fields[tps]} tok/s"),
         TimeElapsedColumn(),
     ]
+    seen: int | None = None
     with Progress(*columns, console=console, refresh_per_second=8) as bar:
         task = bar.add_task(
             "job", total=None, status="pending", steps="-", epoch=0.0, loss="-", tps="-"
         )
         while True:
+            seen = print_events(server, job_id, seen)
             body = server.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
             st = body["status"]
             p = st.get("progress") or {}
@@ -101,8 +106,23 @@ def follow(server: LocalServer, job_id: str) -> dict:
                 tps=f"{p['tokens_per_second']:.0f}" if p.get("tokens_per_second") else "-",
             )
             if st["status"] in ("completed", "failed", "cancelled"):
+                print_events(server, job_id, seen)
                 return body
             time.sleep(0.25)
+
+
+def print_events(server: LocalServer, job_id: str, after: int | None) -> int | None:
+    """Print the job's new events (data summary, train and validation loss, warnings) above the
+    progress bar; returns the last event id seen."""
+    params = {"limit": 1000, **({"after": after} if after is not None else {})}
+    events = server.client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+    for event in events.get("data", []):
+        style = {"loss": "cyan", "warning": "yellow", "error": "red"}.get(event["type"], "dim")
+        if "valid" in event["type"] or "valid_loss" in (event.get("data") or {}):
+            style = "magenta"
+        console.print(f"[{style}]{event['message']}")
+        after = event["id"]
+    return after
 
 
 def show_adapter(body: dict) -> None:
@@ -117,7 +137,7 @@ def show_adapter(body: dict) -> None:
         table.add_row(f.name, f"{f.stat().st_size:,}")
     console.print(table)
     meta = json.loads((path / "training_metadata.json").read_text())
-    keys = ("final_loss", "trained_tokens", "runtime_seconds", "dataset")
+    keys = ("final_loss", "trained_tokens", "processed_tokens", "runtime_s", "dataset")
     console.print({k: meta.get(k) for k in keys if k in meta})
 
 
@@ -167,7 +187,10 @@ def deploy_and_chat(server: LocalServer, model: str, body: dict) -> None:
     for adapter in (None, "pirate"):
         request = {
             "model": model,
-            "messages": [{"role": "user", "content": QUESTION}],
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": QUESTION},
+            ],
             "max_tokens": 48,
             "temperature": 0,
         }

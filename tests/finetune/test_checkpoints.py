@@ -110,9 +110,8 @@ def test_a_killed_job_resumes_from_its_checkpoint_and_ends_where_it_would_have(f
     spec = JobSpec("ckpt-straight", "tiny", ft_storage, straight_cfg, num_cpus=1)
     straight = backend.run(spec, RecordingReporter())
     assert not list((jobs_dir(ft_storage) / "ckpt-straight" / "trainer").glob("checkpoint-*"))
-    total_steps = json.loads((straight.adapter_path / "training_metadata.json").read_text())[
-        "steps"
-    ]
+    straight_meta = json.loads((straight.adapter_path / "training_metadata.json").read_text())
+    total_steps = straight_meta["steps"]
 
     job = "ckpt-killed"
     cfg = normalised(ft_storage, config("resumed", 0.002))  # a checkpoint every ~0.1 s
@@ -152,6 +151,8 @@ def test_a_killed_job_resumes_from_its_checkpoint_and_ends_where_it_would_have(f
     first_progress = reporter.progress_calls[0]
     assert first_progress["step"] > resumed["step"]  # no step was trained twice
     assert meta["steps"] == total_steps
+    # the loss tokens of the killed attempt's steps came back with its checkpoint
+    assert meta["trained_tokens"] == straight_meta["trained_tokens"] > 0
     steps_logged = [p["step"] for p in meta["loss_history"]]
     assert steps_logged == sorted(set(steps_logged)) and steps_logged[0] < resumed["step"]
     # The same adapter as the uninterrupted run: weights, optimizer, schedule, data order and

@@ -59,6 +59,55 @@ def test_padded_collator_counts_real_tokens(tiny_tokenizer):
     assert packs["input_ids"].shape == (2, 3) and packs[packing.NUM_TOKENS] == 5
 
 
+# rows as `sllm.finetune.formats` makes them: labels -100 where no loss (prompts, weight-0 turns)
+MASKED_ROWS = [
+    {"input_ids": [5, 9, 11, 40, 7], "labels": [-100, -100, -100, 40, 7]},
+    {"input_ids": [3, 3, 8, 100, 6, 6, 42, 17], "labels": [3, -100, -100, 100, 6, -100, 42, 17]},
+    {"input_ids": [12, 13], "labels": [-100, 13]},
+]
+
+
+def test_flat_collator_keeps_the_rows_labels_and_masks_every_sequence_start():
+    """A row's own labels are used as they are (a pad-id token in an answer, such as an end of
+    turn that doubles as pad, keeps its loss); the first token of every sequence is never a
+    target, so no label crosses a sequence boundary."""
+    rows = [{"input_ids": [5, 2, 7], "labels": [5, 2, 7]}, *MASKED_ROWS[1:]]
+    batch = packing.FlatCollator(pad_token_id=2)(rows)
+    assert batch["labels"].tolist() == [
+        [-100, 2, 7, -100, -100, -100, 100, 6, -100, 42, 17, -100, 13]
+    ]
+    assert batch[packing.LOSS_TOKENS] == 7 and batch[packing.NUM_TOKENS] == 13
+    packed = packing.FlatCollator(2)([{"rows": [r["input_ids"] for r in rows],
+                                       "labels": [r["labels"] for r in rows]}])  # fmt: skip
+    assert packed["labels"].tolist() == batch["labels"].tolist()
+
+
+def test_padded_collator_keeps_the_rows_labels(tiny_tokenizer):
+    batch = packing.PaddedCollator(tiny_tokenizer)(MASKED_ROWS)
+    pad = tiny_tokenizer.pad_token_id
+    assert batch["input_ids"].tolist()[2] == [12, 13] + [pad] * 6
+    assert batch["labels"].tolist() == [
+        [-100, -100, -100, 40, 7, -100, -100, -100],
+        [-100, -100, -100, 100, 6, -100, 42, 17],
+        [-100, 13, -100, -100, -100, -100, -100, -100],
+    ]
+    assert batch["attention_mask"].sum().item() == batch[packing.NUM_TOKENS] == 15
+    assert (
+        batch[packing.LOSS_TOKENS] == 7 == packing.FlatCollator(2)(MASKED_ROWS)[packing.LOSS_TOKENS]
+    )
+
+
+def test_pack_dataset_carries_labels():
+    import datasets
+
+    rows = datasets.Dataset.from_list(MASKED_ROWS)
+    item = packing.PackDataset(rows, [[2, 0]])[0]
+    assert item == {
+        "rows": [[12, 13], [5, 9, 11, 40, 7]],
+        "labels": [[-100, 13], [-100, -100, -100, 40, 7]],
+    }
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_packs_respect_the_budget_and_use_every_row_once(padded):
     rng = random.Random(0)
@@ -117,7 +166,7 @@ def test_packed_forward_matches_separate_forwards_with_sllm_attention(
     model.eval()
     rows = [[5, 9, 11, 40, 7], [3, 3, 8, 100, 6, 6, 42, 17], [12, 13]]
     batch = packing.FlatCollator(2, kernel)([{"input_ids": r} for r in rows])
-    batch.pop(packing.NUM_TOKENS)
+    packing.pop_counts(batch)
     batch.pop("labels")
     with torch.no_grad():
         packed = model(**batch, use_cache=False).logits[0]
@@ -125,6 +174,38 @@ def test_packed_forward_matches_separate_forwards_with_sllm_attention(
     assert (packed - alone).abs().max().item() < 1e-4
     result = packing.probe(model, packing.FlatCollator(2, kernel), device="cpu")
     assert result.ok and result.max_error < 1e-4, result
+
+
+@pytest.mark.parametrize("kernel", [packing.KERNEL_LOOP, packing.KERNEL_MASK])
+def test_packed_loss_with_masks_equals_the_padded_reference(kernel, tmp_path_factory):
+    """With prompt/answer masks, the loss and the gradients of one packed row equal those of
+    the padded batch of the same rows: the same targets, averaged over the same tokens."""
+    import torch
+
+    from sllm.testing import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.pad_token = tok.eos_token
+    model = _model("llama", tmp_path_factory)
+    model.set_attn_implementation(packing.register_attention())
+    model.eval()
+    results = []
+    for collate in (packing.PaddedCollator(tok), packing.FlatCollator(2, kernel)):
+        batch = collate(MASKED_ROWS)
+        packing.pop_counts(batch)
+        model.zero_grad()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.loss.item(), grads))
+    (padded_loss, padded_grads), (flat_loss, flat_grads) = results
+    assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert (flat_grads - padded_grads).abs().max().item() < 1e-5
+    # the masks matter: the same rows trained on every token give another loss
+    unmasked = packing.FlatCollator(2, kernel)([{"input_ids": r["input_ids"]} for r in MASKED_ROWS])
+    packing.pop_counts(unmasked)
+    with torch.no_grad():
+        assert model(**unmasked, use_cache=False).loss.item() != pytest.approx(flat_loss)
 
 
 def test_probe_catches_opt_attending_across_sequences(tmp_path_factory):
@@ -176,7 +257,7 @@ def test_cuda_varlen_kernel_matches_the_per_sequence_loop(arch, tmp_path_factory
     out = {}
     for kernel in (packing.KERNEL_LOOP, packing.KERNEL_VARLEN):
         batch = packing.FlatCollator(2, kernel)([{"input_ids": r} for r in rows])
-        batch.pop(packing.NUM_TOKENS)
+        packing.pop_counts(batch)
         batch = {k: v.to("cuda") if hasattr(v, "to") else v for k, v in batch.items()}
         model.zero_grad()
         result = model(**batch, use_cache=False)

@@ -85,6 +85,7 @@ def check_progress(reporter: RecordingReporter, steps: int) -> None:
         "loss",
         "learning_rate",
         "trained_tokens",
+        "processed_tokens",
         "tokens_per_second",
         "eta_seconds",
         "train_mean_token_accuracy",  # no validation data: no valid_* fields
@@ -95,6 +96,7 @@ def check_progress(reporter: RecordingReporter, steps: int) -> None:
     assert last["eta_seconds"] == 0
     tokens = [p["trained_tokens"] for p in progress]
     assert tokens == sorted(tokens) and tokens[-1] > 0
+    assert last["processed_tokens"] > last["trained_tokens"]  # the first tokens carry no loss
     losses = reporter.events("loss")
     assert [e["data"]["step"] for e in losses] == list(range(1, steps + 1))
     assert all(isinstance(e["data"]["loss"], float) for e in losses)
@@ -262,7 +264,9 @@ def test_non_text_field_is_a_clear_error(backend, ft_storage, reporter, data_dir
     ctx = ValidationContext(ft_storage, data_roots=[data_dir], model="tiny")
     normalised = backend.validate(local_config(data), ctx)
     write_jsonl(data, [{"prompt": 31337}, {"prompt": 4}])
-    with pytest.raises(InvalidRequestError, match="must hold text") as info:
+    with pytest.raises(
+        InvalidRequestError, match="row 1: column .prompt. holds a number, not text"
+    ) as info:
         backend.run(JobSpec("job-int", "tiny", ft_storage, normalised, num_cpus=1), reporter)
     assert "31337" not in info.value.message
 

@@ -64,7 +64,7 @@ def test_lora_inputs_follow_autocast_drops_the_float32_round_trip(arch, tmp_path
     model.eval()  # no dropout: the two steps must see the same computation
     rows = [[5, 9, 11, 40, 7, 8, 9], [3, 3, 8, 100, 6, 6, 42, 17], [12, 13, 14]]
     batch = packing.FlatCollator(2)([{"input_ids": r} for r in rows])
-    batch.pop(packing.NUM_TOKENS)
+    packing.pop_counts(batch)
 
     before, loss_before, grads_before = _step(model, batch)
     layers = speed.lora_inputs_follow_autocast(model)

@@ -1,8 +1,11 @@
 # ruff: noqa: E501  (one question-answer pair per line reads better than wrapped strings)
-"""Regenerate pirate_prompts.jsonl: everyday questions answered in pirate speak.
+"""Regenerate pirate_prompts.jsonl and pirate_chat.jsonl: everyday questions answered in pirate
+speak.
 
-Each row is {"prompt": "Question: ... Answer: Arr, ..."}; a LoRA adapter trained on it visibly
-turns a model's answers piratical. All text here is original. Run:
+pirate_prompts.jsonl: {"prompt": "Question: ... Answer: Arr, ..."} (text rows, the seed's example).
+pirate_chat.jsonl: OpenAI chat rows, {"messages": [system, user, assistant]}, what the demo trains
+on (loss on the answers only); every fifth row is a two-turn conversation. A LoRA adapter
+trained on either visibly turns a model's answers piratical. All text here is original. Run:
 
     python examples/fine_tuning/data/make_pirate_prompts.py
 """
@@ -146,8 +149,31 @@ def pairs() -> list[tuple[str, str]]:
     return out
 
 
+SYSTEM_PROMPT = "You are the ship's assistant. Answer the crew's questions."
+
+
+def chat_rows(qa: list[tuple[str, str]]) -> list[dict]:
+    """One conversation per pair; every fifth also asks the next pair's question."""
+    rows = []
+    for i, (question, answer) in enumerate(qa):
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+        if i % 5 == 4:
+            follow_q, follow_a = qa[(i + 1) % len(qa)]
+            messages += [
+                {"role": "user", "content": follow_q},
+                {"role": "assistant", "content": follow_a},
+            ]
+        rows.append({"messages": messages})
+    return rows
+
+
 def main() -> None:
     out = Path(__file__).with_name("pirate_prompts.jsonl")
+    qa = []
     seen = set()
     rows = []
     for question, answer in pairs():
@@ -155,9 +181,13 @@ def main() -> None:
         seen.add(question)
         if not answer.startswith("Arr"):
             answer = f"Arr! {answer}"
+        qa.append((question, answer))
         rows.append(json.dumps({"prompt": f"Question: {question} Answer: {answer}"}))
     out.write_text("\n".join(rows) + "\n")
     print(f"wrote {len(rows)} rows to {out}")
+    chat = Path(__file__).with_name("pirate_chat.jsonl")
+    chat.write_text("".join(json.dumps(row) + "\n" for row in chat_rows(qa)))
+    print(f"wrote {len(qa)} conversations to {chat}")
 
 
 if __name__ == "__main__":

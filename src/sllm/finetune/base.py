@@ -34,6 +34,8 @@ class ValidationContext:
     data_roots: list[Path] = field(default_factory=list)
     model: str = ""
     num_cpus: int | None = None  # the job's CPUs; None: not known (no per-job CPU limits checked)
+    # Set by `validate`: (a sentence, data) for the job's first event (rows, tokens, steps).
+    created_note: tuple[str, dict[str, Any]] | None = None
 
 
 class TrainingDivergedError(SllmError):

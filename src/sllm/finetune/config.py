@@ -85,8 +85,31 @@ class DatasetConfig(BaseModel):
     hf_dataset_name: str | None = Field(
         None, description="Hub dataset id such as `fka/awesome-chatgpt-prompts` (hf_hub only)."
     )
-    tokenization_field: str = Field(
-        min_length=1, description="Column whose text is tokenized and trained on."
+    tokenization_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Column whose text is tokenized and trained on (`text` format; required "
+        "there, unused by `chat` and `prompt_completion`).",
+    )
+    format: Literal["auto", "text", "chat", "prompt_completion"] = Field(
+        "auto",
+        description="Shape of the rows. `chat`: OpenAI chat fine-tuning rows, `messages` = list "
+        "of {role: system|user|assistant, content, weight?}, rendered with the base model's "
+        "chat template. `prompt_completion`: `prompt` and `completion` columns. `text`: the "
+        "`tokenization_field` column. `auto` (default): `chat` when rows have `messages`, "
+        "`prompt_completion` when they have `prompt` and `completion`, else `text`.",
+    )
+    train_on_inputs: StrictBool = Field(
+        False,
+        description="Loss on every token (system and user turns, prompts, template markup). "
+        "Default false: loss only on assistant answers (chat; an assistant message with "
+        "`weight: 0` is context only) and completions (prompt_completion).",
+    )
+    use_chat_template: StrictBool = Field(
+        True,
+        description="`prompt_completion` only: render the prompt as the user turn of the base "
+        "model's chat template (default, when the model has one); false: plain concatenation "
+        "prompt + completion + EOS.",
     )
     split: str = Field("train", min_length=1, description="Dataset split to train on.")
     data_files: str | list[str] = Field(

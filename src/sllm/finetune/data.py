@@ -2,7 +2,7 @@
 
 `check_*` functions run in the API server (`datasets` and `huggingface_hub` imported lazily, for
 builder names and caches; the data's own shape is `sllm.finetune.datascan`'s);
-`load_training_dataset` and `tokenize_dataset` run in the job's worker.
+`load_training_dataset` runs in the job's worker (`sllm.finetune.formats` tokenizes the rows).
 """
 
 from __future__ import annotations
@@ -313,11 +313,11 @@ def check_dataset_config(
     cwd: Path | None = None,
     storage: Path | None = None,
     num_cpus: int | None = None,
-    counts: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate and normalise a dataset config (paths made absolute; the data itself read
-    cheaply, see `check_local_data`); returns a plain dict. `counts["rows"]` gets the number of
-    rows where the check read them all (else None)."""
+    cheaply, see `check_local_data`); returns a plain dict. `summary`, when given, receives
+    what the scan of local data saw (rows, format, estimated tokens)."""
     local = ds.dataset_source == "local"
     extras = ds.extras()
     extension = normalise_extension(ds.extension_type) if local else None
@@ -326,9 +326,9 @@ def check_dataset_config(
     if local:
         out["extension_type"] = extension
         files = resolve_local_files(ds.data_files, roots, cwd=cwd, storage=storage)
-        rows = check_local_data(files, extension, ds.tokenization_field, extras)
-        if counts is not None:
-            counts["rows"] = rows
+        seen = check_local_data(files, extension, ds.tokenization_field, extras, ds.format)
+        if summary is not None:
+            summary.update(seen)
         out["data_files"] = (
             files[0] if isinstance(ds.data_files, str) and len(files) == 1 else files
         )
@@ -449,56 +449,3 @@ def _load_error(ds: DatasetConfig, exc: BaseException) -> InvalidRequestError:
         "valid and unchanged since the job was submitted.",
         param=DS,
     )
-
-
-def tokenize_dataset(dataset, tokenizer, field: str, max_seq_length: int, *, num_proc: int = 1):
-    """Tokenize column `field` (truncated to `max_seq_length`); drop empty rows and all columns.
-
-    Raises `InvalidRequestError` when the column is missing, holds non-text, or nothing is left.
-    """
-    param = f"{DS}.tokenization_field"
-    columns = list(dataset.column_names)
-    if field not in columns:
-        raise InvalidRequestError(
-            f"`{param}`: the dataset has no column {field!r}; available columns: "
-            f"{', '.join(map(repr, columns)) or '(none)'}.",
-            param=param,
-        )
-    if len(dataset) == 0:
-        raise InvalidRequestError(
-            f"The dataset is empty (split {dataset.split!s}); nothing to train on.",
-            param=f"{DS}",
-        )
-
-    def tokenize(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        texts = batch[field]
-        for value in texts:
-            if value is not None and not isinstance(value, str):
-                raise InvalidRequestError(
-                    f"`{param}`: column {field!r} must hold text, found a "
-                    f"{type(value).__name__} value.",  # the value itself is never echoed
-                    param=param,
-                )
-        enc = tokenizer(
-            [t or "" for t in texts],
-            truncation=True,
-            max_length=max_seq_length,
-            add_special_tokens=True,
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    tokenized = dataset.map(
-        tokenize,
-        batched=True,
-        remove_columns=columns,
-        num_proc=num_proc if num_proc > 1 and len(dataset) >= 10_000 else None,
-        desc="Tokenizing",
-    )
-    tokenized = tokenized.filter(lambda ex: sum(ex["attention_mask"]) > 1, desc="Dropping empty")
-    if len(tokenized) == 0:
-        raise InvalidRequestError(
-            f"`{param}`: every row of column {field!r} is empty after tokenization; nothing to "
-            "train on.",
-            param=param,
-        )
-    return tokenized

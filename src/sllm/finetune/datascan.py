@@ -1,5 +1,6 @@
-"""The training data's shape, read cheaply at submit time: it parses, has rows, and its
-`tokenization_field` is a column of text.
+"""The training data's shape, read cheaply at submit time: it parses, has rows, every JSON row
+fits its format (`sllm.finetune.formats.check_row`: chat messages, prompt/completion, or a
+`tokenization_field` column of text), and one dataset holds one format.
 
 Streaming (a line, or a Parquet footer, at a time) and bounded by `SCAN_BUDGET_BYTES`, so a
 submission costs milliseconds for typical files and never holds a whole file in memory. Errors
@@ -17,6 +18,13 @@ from typing import Any
 
 from sllm.errors import InvalidRequestError
 from sllm.finetune.config import DS
+from sllm.finetune.formats import (
+    CHAT,
+    TEXT,
+    check_row,
+    detect_format,
+    format_of_columns,
+)
 
 # Bytes of local data read per submission: a whole file below it (every JSON line parsed), the
 # first SCAN_BUDGET_BYTES of bigger ones (the rest is checked when the job loads it).
@@ -39,11 +47,64 @@ class _Budget:
         return self.left >= 0
 
 
+class RowScan:
+    """Per-row checks of JSON rows against the configured format (`auto`: the first row's
+    format, which every later row must share), and the size of the text to train on."""
+
+    def __init__(self, fmt: str, field: str | None) -> None:
+        self.fmt = fmt
+        self.field = field
+        self.seen: str | None = None  # the first row's format, under `auto`
+        self.chars = 0
+
+    def effective(self, columns: set[str]) -> str:
+        if self.fmt != "auto":
+            return self.fmt
+        return self.seen or format_of_columns(columns)
+
+    def check(self, row: dict[str, Any], path: str, where: str) -> None:
+        fmt = self.fmt
+        if fmt == "auto":
+            detected = detect_format(row)
+            if self.seen is None:
+                self.seen = detected
+            elif detected != self.seen:
+                raise _data_error(
+                    path, where, f"a {detected} row where the first row is {self.seen}; one "
+                    "dataset holds rows of one format (chat `messages`, `prompt` + `completion`, "
+                    "or text)", param=f"{DS}.format",
+                )  # fmt: skip
+            fmt = self.seen
+        if fmt == TEXT:
+            value = row.get(self.field) if self.field else None
+            if value is not None and not isinstance(value, str):
+                raise _not_text(path, where, self.field, value)
+            self.chars += len(value or "")
+            return
+        problem = check_row(row, fmt)
+        if problem:
+            raise _data_error(path, where, problem, param=DS)
+        if fmt == CHAT:
+            self.chars += sum(len(m["content"]) + 16 for m in row["messages"])  # + markup
+        else:
+            self.chars += len(row["prompt"]) + len(row["completion"]) + 16
+
+
+# Characters per token of English text under the usual BPE vocabularies: for the estimate only.
+CHARS_PER_TOKEN = 4.0
+
+
 def check_local_data(
-    files: list[str], extension: str, field: str, extras: dict[str, Any] | None = None
-) -> int | None:
-    """The files open and parse, hold at least one row, and `field` is a column of text.
-    Returns the number of rows when every file was read whole, else None.
+    files: list[str],
+    extension: str,
+    field: str | None,
+    extras: dict[str, Any] | None = None,
+    fmt: str = "auto",
+) -> dict[str, Any]:
+    """The files open and parse, hold at least one row, every JSON row fits the format (see
+    `RowScan`), and for text rows `field` is a column of text. Returns what was seen: rows,
+    format, estimated tokens (None where rows were not read one by one), whether every byte
+    was read.
 
     Streaming (one line or one Parquet footer at a time) and bounded by `SCAN_BUDGET_BYTES`.
     Errors name the file (it is inside the data roots), the line and the column names, never
@@ -51,6 +112,7 @@ def check_local_data(
     """
     extras = extras or {}
     budget = _Budget(SCAN_BUDGET_BYTES)
+    scan = RowScan(fmt, field)
     rows = 0
     columns: set[str] = set()
     found = False
@@ -58,7 +120,7 @@ def check_local_data(
         if budget.left <= 0:
             break
         try:
-            n, cols, has = _scan_file(path, extension, field, extras, budget)
+            n, cols, has = _scan_file(path, extension, field, extras, budget, scan)
         except OSError as exc:
             raise InvalidRequestError(
                 f"`{DS}.data_files`: {Path(path).name} cannot be read ({exc.strerror or exc}).",
@@ -70,7 +132,8 @@ def check_local_data(
                 param=f"{DS}.data_files",
             ) from None
         if n is None:
-            return None  # a shape this check does not model: the job's loader decides
+            # a shape this check does not model: the job's loader decides
+            return {"rows": None, "format": scan.effective(columns), "estimated_tokens": None}
         rows += n
         columns |= cols
         found = found or has
@@ -81,13 +144,49 @@ def check_local_data(
             f"`{DS}.data_files`: the data holds no rows; nothing to train on.",
             param=f"{DS}.data_files",
         )
+    effective = scan.effective(columns)
+    summary = {
+        "rows": rows,
+        "format": effective,
+        "estimated_tokens": round(scan.chars / CHARS_PER_TOKEN) if scan.chars else None,
+        "complete": budget.left > 0,
+    }
+    if effective != TEXT:
+        _check_format_columns(effective, extension, columns)
+        return summary
+    if field is None:
+        raise InvalidRequestError(
+            f"`{DS}.tokenization_field` is required for text rows (the data has no `messages` "
+            f"column for chat, nor `prompt` and `completion`); its columns: "
+            f"{_columns_text(columns)}.",
+            param=f"{DS}.tokenization_field",
+        )
     if not found:
         raise InvalidRequestError(
             f"`{DS}.tokenization_field`: the data has no column {field!r}; its columns: "
             f"{_columns_text(columns)}.",
             param=f"{DS}.tokenization_field",
         )
-    return rows if budget.left > 0 else None
+    return summary
+
+
+def _check_format_columns(fmt: str, extension: str, columns: set[str]) -> None:
+    """Chat and prompt_completion rows outside JSON: the columns they need are there, and chat
+    messages (a list per row) come from JSON or Parquet only."""
+    needed = ["messages"] if fmt == CHAT else ["prompt", "completion"]
+    if fmt == CHAT and extension in ("csv", "text"):
+        raise InvalidRequestError(
+            f"`{DS}.format`: chat rows need JSON Lines (or Parquet) files, whose `messages` "
+            f"hold a list; {extension} files hold only text.",
+            param=f"{DS}.format",
+        )
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise InvalidRequestError(
+            f"`{DS}.format`: {fmt} rows need the column {missing[0]!r}; the data's columns: "
+            f"{_columns_text(columns)}.",
+            param=f"{DS}.format",
+        )
 
 
 def _columns_text(columns: set[str] | list[str], limit: int = 30) -> str:
@@ -126,14 +225,17 @@ def _lines(path: str, encoding: str, budget: _Budget):
                 raise _data_error(path, f", line {number}", f"not valid {encoding} text") from None
 
 
-def _scan_file(path: str, extension: str, field: str, extras: dict[str, Any], budget: _Budget):
+def _scan_file(
+    path: str, extension: str, field: str | None, extras: dict[str, Any], budget: _Budget,
+    scan: RowScan,
+):  # fmt: skip
     if extension == "json":
-        return _scan_json(path, field, extras, budget)
+        return _scan_json(path, field, extras, budget, scan)
     if extension == "csv":
         return _scan_csv(path, field, extras, budget)
     if extension == "parquet":
         return _scan_parquet(path, field)
-    return _scan_text(path, field, extras, budget)
+    return _scan_text(path, field, extras, budget, scan)
 
 
 def _encoding(extras: dict[str, Any]) -> str:
@@ -150,7 +252,9 @@ def _encoding(extras: dict[str, Any]) -> str:
     return enc
 
 
-def _scan_json(path: str, field: str, extras: dict[str, Any], budget: _Budget):
+def _scan_json(
+    path: str, field: str | None, extras: dict[str, Any], budget: _Budget, scan: RowScan
+):
     """JSON Lines, one object a line; or one JSON document (a list of objects, an object of
     columns, or with the `field` keyword an object holding either)."""
     encoding = _encoding(extras)
@@ -179,10 +283,8 @@ def _scan_json(path: str, field: str, extras: dict[str, Any], budget: _Budget):
                 raise _data_error(path, f", line {number}", "not a JSON object")
             rows += 1
             columns |= set(row)
-            if field in row:
-                found = True
-                if row[field] is not None and not isinstance(row[field], str):
-                    raise _not_text(path, f", line {number}", field, row[field])
+            found = found or field in row
+            scan.check(row, path, f", line {number}")
         if not document:
             return rows, columns, found
     size = os.path.getsize(path)
@@ -208,10 +310,8 @@ def _scan_json(path: str, field: str, extras: dict[str, Any], budget: _Budget):
             if not isinstance(row, dict):
                 raise _data_error(path, f", item {i}", "not a JSON object")
             columns |= set(row)
-            if field in row:
-                found = True
-                if row[field] is not None and not isinstance(row[field], str):
-                    raise _not_text(path, f", item {i}", field, row[field])
+            found = found or field in row
+            scan.check(row, path, f", item {i}")
         return len(data), columns, found
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         values = data.get(field)
@@ -300,9 +400,11 @@ def _scan_parquet(path: str, field: str):
     return rows, names, field in names
 
 
-def _scan_text(path: str, field: str, extras: dict[str, Any], budget: _Budget):
+def _scan_text(
+    path: str, field: str | None, extras: dict[str, Any], budget: _Budget, scan: RowScan
+):
     """The `text` builder yields one column, `text`."""
-    if field != "text":
+    if field is not None and field != "text":
         raise InvalidRequestError(
             f"`{DS}.tokenization_field`: a text file has one column, 'text'; got {field!r}.",
             param=f"{DS}.tokenization_field",
@@ -311,4 +413,5 @@ def _scan_text(path: str, field: str, extras: dict[str, Any], budget: _Budget):
     for _, line in _lines(path, _encoding(extras), budget):
         if line.strip():
             rows += 1
-    return rows, {"text"}, True
+            scan.chars += len(line)
+    return rows, {"text"}, field == "text"

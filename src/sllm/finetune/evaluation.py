@@ -196,7 +196,7 @@ class Validator:
         """`valid_loss` and `valid_mean_token_accuracy` of `model` on the validation rows."""
         import torch
 
-        from sllm.finetune.packing import NUM_TOKENS
+        from sllm.finetune.packing import pop_counts
 
         was_training = model.training
         model.eval()
@@ -206,7 +206,7 @@ class Validator:
                 for start in range(0, len(self.rows), self.batch_size):
                     end = min(start + self.batch_size, len(self.rows))
                     batch = self.collator([self.rows[i] for i in range(start, end)])
-                    batch.pop(NUM_TOKENS, None)
+                    pop_counts(batch)
                     labels = batch.pop("labels")
                     logits = model(**_to_device(batch, device), use_cache=False).logits
                     parts = _token_counts(logits, labels)

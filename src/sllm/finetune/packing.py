@@ -37,7 +37,8 @@ ATTN_IMPLEMENTATION = "sllm_varlen"
 SEQ_LENS = "sllm_seq_lens"  # python list of ints: the loop kernel (no host-device sync)
 CU_SEQLENS = "sllm_cu_seqlens"  # int32 tensor [n+1]: the varlen kernel
 MAX_SEQLEN = "sllm_max_seqlen"  # python int, upper bound on a sequence's length
-NUM_TOKENS = "sllm_num_tokens"  # python int: trained (non-pad) tokens; popped before the model
+NUM_TOKENS = "sllm_num_tokens"  # python int: processed (non-pad) tokens; popped before the model
+LOSS_TOKENS = "sllm_loss_tokens"  # python int: tokens that carry loss; popped before the model
 
 KERNEL = "sllm_kernel"  # str: which of the kernels below the collator prepared the batch for
 
@@ -210,23 +211,41 @@ def register_attention() -> str:
 # ------------------------------------------------------------------------------- collators
 
 
-def _labels_for(ids: list[int], pad_token_id: int | None) -> list[int]:
-    """Labels as the padded baseline makes them (`DataCollatorForLanguageModeling`: tokens equal
-    to the pad token are not trained on), with the first token masked: nothing predicts it."""
-    labels = [-100 if t == pad_token_id else t for t in ids]
+def _labels_for(
+    ids: list[int], pad_token_id: int | None, given: list[int] | None = None
+) -> list[int]:
+    """The row's own labels (`sllm.finetune.formats`: -100 where no loss) when it has them, else
+    as the padded baseline makes them (`DataCollatorForLanguageModeling`: tokens equal to the pad
+    token are not trained on); the first token masked either way: in a packed row, the previous
+    sequence's last token would predict it."""
+    labels = list(given) if given is not None else [-100 if t == pad_token_id else t for t in ids]
     if labels:
         labels[0] = -100
     return labels
 
 
-def _rows_of(features: list[dict[str, Any]]) -> list[list[int]]:
-    rows: list[list[int]] = []
+def _rows_of(features: list[dict[str, Any]]) -> list[tuple[list[int], list[int] | None]]:
+    """(ids, labels or None) of every sequence in the features (rows, or token-budget packs)."""
+    rows: list[tuple[list[int], list[int] | None]] = []
     for f in features:
         if "rows" in f:  # a token-budget pack
-            rows.extend(list(r) for r in f["rows"])
+            labels = f.get("labels") or [None] * len(f["rows"])
+            for r, lab in zip(f["rows"], labels, strict=True):
+                rows.append((list(r), None if lab is None else list(lab)))
         else:
-            rows.append(list(f["input_ids"]))
-    return [r for r in rows if r]
+            labels = f.get("labels")
+            rows.append((list(f["input_ids"]), None if labels is None else list(labels)))
+    return [(r, lab) for r, lab in rows if r]
+
+
+def pop_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """Take the host-side counts (processed tokens, loss tokens) out of a collated batch, leaving
+    what the model's forward takes."""
+    return int(batch.pop(NUM_TOKENS, 0) or 0), int(batch.pop(LOSS_TOKENS, 0) or 0)
+
+
+def _loss_tokens(labels: list[int]) -> int:
+    return sum(1 for t in labels if t != -100)
 
 
 class FlatCollator:
@@ -248,16 +267,17 @@ class FlatCollator:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
-        for row in rows:
+        for row, given in rows:
             ids += row
-            labels += _labels_for(row, self.pad_token_id)
+            labels += _labels_for(row, self.pad_token_id, given)
             positions += range(len(row))
-        lengths = [len(r) for r in rows]
+        lengths = [len(r) for r, _ in rows]
         batch: dict[str, Any] = {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
             NUM_TOKENS: len(ids),
+            LOSS_TOKENS: _loss_tokens(labels),
         }
         if self.kernel in (KERNEL_VARLEN, KERNEL_MASK):
             cu = [0]
@@ -277,22 +297,42 @@ class FlatCollator:
 
 class PaddedCollator:
     """The baseline's batching (`DataCollatorForLanguageModeling`, right padding), plus the count
-    of trained tokens; packs of rows (token-budget mode where packing is unsupported) are padded
-    the same way."""
+    of processed and loss-carrying tokens; packs of rows (token-budget mode where packing is
+    unsupported) are padded the same way. Rows that carry `labels` keep them (padded with -100)."""
 
     def __init__(self, tokenizer) -> None:
         from transformers import DataCollatorForLanguageModeling
 
         self.inner = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+        self.pad_token_id = tokenizer.pad_token_id
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if features and "rows" in features[0]:
-            features = [
-                {"input_ids": r, "attention_mask": [1] * len(r)} for r in _rows_of(features)
-            ]
-        batch = dict(self.inner(features))
+        rows = _rows_of(features)
+        if any(given is not None for _, given in rows):
+            batch = self._pad(rows)
+        else:
+            plain = [{"input_ids": r, "attention_mask": [1] * len(r)} for r, _ in rows]
+            batch = dict(self.inner(plain))
         batch[NUM_TOKENS] = int(batch["attention_mask"].sum())
+        batch[LOSS_TOKENS] = int((batch["labels"][:, 1:] != -100).sum())
         return batch
+
+    def _pad(self, rows: list[tuple[list[int], list[int] | None]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(r) for r, _ in rows)
+        pad = self.pad_token_id if self.pad_token_id is not None else 0
+        ids, labels, mask = [], [], []
+        for row, given in rows:
+            fill = width - len(row)
+            ids.append(row + [pad] * fill)
+            labels.append(_labels_for(row, self.pad_token_id, given) + [-100] * fill)
+            mask.append([1] * len(row) + [0] * fill)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
 
 
 # ------------------------------------------------------------------------------- token budget
@@ -347,6 +387,9 @@ class PackDataset:
         pack = self.packs[i]
         if isinstance(self.rows, list):
             return {"rows": [self.rows[j] for j in pack]}
+        if "labels" in self.rows.column_names:
+            picked = self.rows[pack]
+            return {"rows": picked["input_ids"], "labels": picked["labels"]}
         return {"rows": self.rows[pack]["input_ids"]}
 
 
@@ -400,7 +443,7 @@ def probe(
                     for r in rows
                 ]
                 batch = _to_device(collator([{"input_ids": r} for r in rows]), device)
-                batch.pop(NUM_TOKENS)
+                pop_counts(batch)
                 batch.pop("labels")
                 packed = model(**batch, use_cache=False).logits[0].float()
             reference = torch.cat(alone, dim=0)
@@ -411,7 +454,7 @@ def probe(
             if not err <= tol:
                 return ProbeResult(False, err, tol, "packed logits differ from per-sequence logits")
             batch = _to_device(collator([{"input_ids": r} for r in rows]), device)
-            batch.pop(NUM_TOKENS)
+            pop_counts(batch)
             loss = model(**batch, use_cache=False).loss
             loss.backward()
             if not torch.isfinite(loss).item():

@@ -56,12 +56,7 @@ from sllm.finetune.config import (
     parse_backend_config,
     token_budget,
 )
-from sllm.finetune.data import (
-    check_dataset_config,
-    describe_dataset,
-    load_training_dataset,
-    tokenize_dataset,
-)
+from sllm.finetune.data import check_dataset_config, describe_dataset
 from sllm.finetune.evaluation import (
     TRAIN_ACCURACY,
     VALID_ACCURACY,
@@ -72,6 +67,13 @@ from sllm.finetune.evaluation import (
     eval_overrides,
     renamed_errors,
     split_rows,
+)
+from sllm.finetune.formats import (
+    model_has_chat_template,
+    no_template_message,
+    prepare_dataset,
+    report_dataset,
+    submit_note,
 )
 from sllm.finetune.init_adapter import (
     adapter_digest,
@@ -86,6 +88,7 @@ from sllm.finetune.speed import (
     compiled_graphs,
     configure_threads,
     lora_inputs_follow_autocast,
+    loss_tokens_seen,
     make_trainer,
     repeated_layers,
     training_overrides,
@@ -136,15 +139,23 @@ class PeftLoraBackend:
             validation=has_validation,
         )
         # The data last: it is the one check that reads more than a few bytes.
-        counts: dict[str, Any] = {}
+        seen: dict[str, Any] = {}
         dataset = check_dataset_config(
             cfg.dataset_config,
             list(ctx.data_roots),
             storage=storage,
             num_cpus=ctx.num_cpus,
-            counts=counts,
+            summary=seen,
         )
-        check_split_fits(counts.get("rows"), cfg.dataset_config.validation_split)
+        if seen.get("format", cfg.dataset_config.format) == "chat" and not model_has_chat_template(
+            model_dir(storage, ctx.model)
+        ):
+            raise InvalidRequestError(no_template_message(), param=f"{P}.dataset_config.format")
+        ctx.created_note = submit_note(seen, cfg.training_config)
+        check_split_fits(
+            seen.get("rows") if seen.get("complete") else None,
+            cfg.dataset_config.validation_split,
+        )
         extra: dict[str, Any] = {}
         if cfg.validation_dataset_config is not None:
             extra["validation_dataset_config"] = renamed_errors(
@@ -261,19 +272,16 @@ class PeftLoraBackend:
         _quiet_datasets()
         ds_cfg = cfg.dataset_config
         seed = args.data_seed if args.data_seed is not None else args.seed
-        num_rows, train_set, valid_set = load_datasets(cfg, tokenizer, max_len, spec.num_cpus, seed)
-        valid_text = f", {len(valid_set)} to validate on" if valid_set is not None else ""
-        reporter.event(
-            "info",
-            f"Dataset ready: {len(train_set)} of {num_rows} rows to train on{valid_text} "
-            f"(max_seq_length {max_len}).",
-            {
-                "num_rows": num_rows,
-                "num_train_rows": len(train_set),
-                "num_valid_rows": len(valid_set) if valid_set is not None else None,
-                "max_seq_length": max_len,
-            },
+        data_stats, train_set, valid_set = load_datasets(
+            cfg, tokenizer, max_len, spec.num_cpus, seed
         )
+        report_dataset(reporter, data_stats, max_len)
+        if valid_set is not None:
+            reporter.event(
+                "info",
+                f"Validation data: {len(valid_set)} rows; {len(train_set)} rows to train on.",
+                {"num_train_rows": len(train_set), "num_valid_rows": len(valid_set)},
+            )
 
         from peft import get_peft_model
 
@@ -419,8 +427,9 @@ class PeftLoraBackend:
             "output_dir": output_rel,
             "dataset": {
                 **describe_dataset(ds_cfg),
-                "num_rows": num_rows,
-                "num_train_rows": len(train_set),
+                **data_stats,
+                "num_train_rows": len(train_set),  # after any validation split
+                "num_valid_rows": len(valid_set) if valid_set is not None else None,
             },
             "max_seq_length": max_len,
             "lora_config": lora,
@@ -436,7 +445,8 @@ class PeftLoraBackend:
             "init_adapter": cfg.init_adapter,
             "final_loss": final_loss,
             "train_loss": _float_or_none(train_output.training_loss),
-            "trained_tokens": int(state.num_input_tokens_seen or 0),
+            "trained_tokens": loss_tokens_seen(state),  # tokens that carried loss
+            "processed_tokens": int(state.num_input_tokens_seen or 0),  # all, prompts included
             "steps": int(state.global_step),
             "epochs": _float_or_none(state.epoch),
             "trainable_params": trainable,
@@ -482,27 +492,24 @@ class PeftLoraBackend:
 
 
 def load_rows(ds_cfg, tokenizer, max_len: int, num_proc: int):
-    """(rows in the data, the tokenized rows) of one dataset config: the training data and the
-    validation data come through here alike."""
-    dataset = load_training_dataset(ds_cfg)
-    rows = tokenize_dataset(
-        dataset, tokenizer, ds_cfg.tokenization_field, max_len, num_proc=num_proc
-    )
-    return len(dataset), rows
+    """(data stats, the tokenized rows with their labels) of one dataset config: the training
+    data and the validation data come through here alike."""
+    rows, stats = prepare_dataset(ds_cfg, tokenizer, max_len, num_proc=num_proc)
+    return stats, rows
 
 
 def load_datasets(cfg: BackendConfig, tokenizer, max_len: int, num_proc: int, seed: int):
-    """(rows in the training data, training rows, validation rows or None)."""
-    num_rows, train_set = load_rows(cfg.dataset_config, tokenizer, max_len, num_proc)
+    """(training data stats, training rows, validation rows or None)."""
+    stats, train_set = load_rows(cfg.dataset_config, tokenizer, max_len, num_proc)
     split = cfg.dataset_config.validation_split
     if split is not None:
-        return (num_rows, *split_rows(train_set, split, seed))
+        return (stats, *split_rows(train_set, split, seed))
     if cfg.validation_dataset_config is not None:
         _, valid_set = renamed_errors(
             load_rows, cfg.validation_dataset_config, tokenizer, max_len, num_proc
         )
-        return num_rows, train_set, valid_set
-    return num_rows, train_set, None
+        return stats, train_set, valid_set
+    return stats, train_set, None
 
 
 def finish_validation(validator: Validator, cfg: BackendConfig, reporter: Reporter) -> dict:
@@ -551,6 +558,7 @@ class TrainingTracker:
         step = int(state.global_step or 0)
         total = int(state.max_steps or 0) or None
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        trained = loss_tokens_seen(state)
         elapsed = time.monotonic() - self._t0 if self._t0 is not None else None
         done_tokens = tokens - self._first_tokens  # this attempt's, as `elapsed` is
         tps = done_tokens / elapsed if elapsed and elapsed > 0 else None
@@ -564,7 +572,8 @@ class TrainingTracker:
             epoch=_round(state.epoch, 4),
             loss=self.last_loss,
             learning_rate=self.last_lr,
-            trained_tokens=tokens,
+            trained_tokens=trained,
+            processed_tokens=tokens,
             tokens_per_second=_round(tps, 2),
             eta_seconds=_round(eta, 2),
             **self.last_metrics,

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from sllm.finetune.packing import NUM_TOKENS
+from sllm.finetune.packing import pop_counts
 
 CUDA_LOGGING_STEPS = 10
 
@@ -181,11 +181,30 @@ def training_overrides(training_config: dict[str, Any], *, use_cuda: bool) -> di
     return out
 
 
+# Kept in `TrainerState.stateful_callbacks` (a dict saved with every checkpoint and loaded back
+# on resume, which transformers leaves alone under a name no callback has), so a resumed job
+# counts the tokens of its earlier attempts too.
+COUNTS_KEY = "SllmTokenCounts"
+
+
+def loss_tokens_seen(state) -> int:
+    """Tokens that carried loss so far (see `make_trainer`)."""
+    counts = getattr(state, "stateful_callbacks", None)
+    entry = counts.get(COUNTS_KEY) if isinstance(counts, dict) else None
+    return int((entry or {}).get("loss_tokens", 0) or 0)
+
+
+def _add_loss_tokens(state, n: int) -> None:
+    if not isinstance(getattr(state, "stateful_callbacks", None), dict):
+        state.stateful_callbacks = {}
+    state.stateful_callbacks[COUNTS_KEY] = {"loss_tokens": loss_tokens_seen(state) + n}
+
+
 def make_trainer(*, validator=None, **kwargs):
-    """A `transformers.Trainer` that takes each batch's trained-token count (a host-side int the
-    collator put there) out of the batch and adds it to `state.num_input_tokens_seen`; and that
-    evaluates through `validator` and counts the training batches' token accuracy
-    (`sllm.finetune.evaluation.ValidationMixin`)."""
+    """A `transformers.Trainer` that takes each batch's token counts (host-side ints the collator
+    put there) out of the batch: processed tokens add to `state.num_input_tokens_seen`, tokens
+    that carry loss to `loss_tokens_seen(state)`; and that evaluates through `validator` and
+    counts the training batches' token accuracy (`sllm.finetune.evaluation.ValidationMixin`)."""
     from transformers import Trainer
 
     from sllm.finetune.evaluation import ValidationMixin
@@ -194,7 +213,9 @@ def make_trainer(*, validator=None, **kwargs):
         def get_batch_samples(self, epoch_iterator, num_batches, device):
             batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
             for batch in batches:
-                self.state.num_input_tokens_seen += int(batch.pop(NUM_TOKENS, 0) or 0)
+                processed, loss = pop_counts(batch)
+                self.state.num_input_tokens_seen += processed
+                _add_loss_tokens(self.state, loss)
             return batches, num_items
 
     trainer = SllmTrainer(**kwargs)

@@ -279,11 +279,12 @@ class JobStore:
         config: dict[str, Any],
         backend_config: dict[str, Any],
         exclusive_output: bool = False,
+        created: tuple[str, dict[str, Any]] | None = None,
     ) -> JobRecord:
         """Insert a pending job. With `exclusive_output`, raise `OutputDirInUse` when a pending or
         running job writes the same `backend_config["output_dir"]` (or one inside the other),
         checked in the insert's own write transaction so two racing submissions cannot both
-        pass."""
+        pass. `created`: (a sentence, data) the job's first event adds (what validation saw)."""
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         ts = now_iso()
         with self._lock:
@@ -310,7 +311,9 @@ class JobStore:
                         ts,
                     ),
                 )
-                self._insert_event(job_id, "info", "status", "Job created, pending.", None, ts)
+                note, data = created or ("", None)
+                message = f"Job created, pending. {note}".strip()
+                self._insert_event(job_id, "info", "status", message, data, ts)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")

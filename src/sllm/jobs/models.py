@@ -77,7 +77,8 @@ class JobProgress(BaseModel):
     epoch: float | None = None
     loss: float | None = None
     learning_rate: float | None = None
-    trained_tokens: int | None = None
+    trained_tokens: int | None = None  # tokens that carried loss
+    processed_tokens: int | None = None  # every token through the model (prompts included)
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     train_mean_token_accuracy: float | None = None

@@ -119,6 +119,7 @@ class JobService:
                 config=config,
                 backend_config=normalised,
                 exclusive_output=True,
+                created=ctx.created_note,
             )
         except OutputDirInUse as busy:
             raise _output_conflict(busy, normalised.get("output_dir")) from None
