@@ -310,3 +310,60 @@ def _scan_text(path: str, field: str, extras: dict[str, Any], budget: _Budget):
         if line.strip():
             rows += 1
     return rows, {"text"}, True
+
+
+# ---------------------------------------------------------------------------------------------
+# one row of an uploaded JSON Lines file (the Files API): which training format it is in
+
+ROW_FORMATS = ("text", "chat", "prompt_completion")
+_CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+class RowError(ValueError):
+    """A row in no known format; the message says what is wrong (never quoting the row)."""
+
+
+def row_format(row: Any) -> str:
+    """`text` (a `text` string), `chat` (`messages`: a list of {role, content} with an assistant
+    turn) or `prompt_completion` (`prompt` and `completion` strings); else `RowError`.
+
+    The formats of OpenAI fine-tuning files plus plain text rows; what each means for training
+    is the data layer's business (`dataset_config.format`)."""
+    if not isinstance(row, dict):
+        raise RowError("not a JSON object")
+    if "messages" in row:
+        _check_messages(row["messages"])
+        return "chat"
+    if "prompt" in row or "completion" in row:
+        for key in ("prompt", "completion"):
+            if not isinstance(row.get(key), str):
+                raise RowError(f"`{key}` must be a string (a prompt/completion row has both)")
+        return "prompt_completion"
+    if "text" in row:
+        if not isinstance(row["text"], str):
+            raise RowError("`text` must be a string")
+        return "text"
+    keys = ", ".join(repr(k[:40]) for k in list(row)[:10]) or "none"
+    raise RowError(
+        "no `messages`, `prompt`/`completion` or `text` field (a training row needs one); its "
+        f"keys: {keys}"
+    )
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise RowError("`messages` must be a non-empty list")
+    assistant = False
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RowError(f"`messages[{i}]` must be an object with `role` and `content`")
+        role = message.get("role")
+        if role not in _CHAT_ROLES:
+            raise RowError(f"`messages[{i}].role` must be one of {', '.join(sorted(_CHAT_ROLES))}")
+        content = message.get("content")
+        if not (isinstance(content, str) or (content is None and message.get("tool_calls"))):
+            if not (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+                raise RowError(f"`messages[{i}].content` must be a string")
+        assistant = assistant or role == "assistant"
+    if not assistant:
+        raise RowError("`messages` has no assistant message to learn from")
