@@ -27,26 +27,32 @@ class Hyperparameters(BaseModel):
         allow_inf_nan=False,
     )
 
-    @field_validator("n_epochs")
+    @field_validator("n_epochs", mode="before")
     @classmethod
     def _epochs(cls, v):
-        if isinstance(v, int) and not 1 <= v <= 50:
-            raise ValueError("must be `auto` or an integer from 1 to 50")
-        return v
+        return _auto_or_number(v, 1, 50, "an integer from 1 to 50", integer=True)
 
-    @field_validator("batch_size")
+    @field_validator("batch_size", mode="before")
     @classmethod
     def _batch(cls, v):
-        if isinstance(v, int) and not 1 <= v <= 256:
-            raise ValueError("must be `auto` or an integer from 1 to 256")
-        return v
+        return _auto_or_number(v, 1, 256, "an integer from 1 to 256", integer=True)
 
-    @field_validator("learning_rate_multiplier")
+    @field_validator("learning_rate_multiplier", mode="before")
     @classmethod
     def _lr(cls, v):
-        if isinstance(v, (int, float)) and not 0 < v <= 10:
-            raise ValueError("must be `auto` or a number in (0, 10]")
-        return v
+        return _auto_or_number(v, 0, 10, "a number in (0, 10]", integer=False)
+
+
+def _auto_or_number(value: Any, low: float, high: float, what: str, *, integer: bool) -> Any:
+    """`auto`, null, or a number in range (an integer where asked), else one clear message."""
+    if value is None or value == "auto":
+        return value
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer:
+        number = number and float(value).is_integer()
+    if not number or not (low < value <= high if low == 0 else low <= value <= high):
+        raise ValueError(f"must be `auto` or {what}")
+    return int(value) if integer else value
 
 
 class SupervisedMethod(BaseModel):
