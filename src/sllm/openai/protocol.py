@@ -24,7 +24,6 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: Auto | StrictFloat | StrictInt | None = Field(
         None,
         description="Times the base learning rate 2e-4, in (0, 10] (auto: 1).",
-        allow_inf_nan=False,
     )
 
     @field_validator("n_epochs", mode="before")
