@@ -134,3 +134,26 @@ def _wait_step(server, job_id: str, at_least: int, timeout: float = 120) -> int:
             return step
         time.sleep(0.1)
     raise AssertionError(f"{job_id}: no step {at_least}")
+
+
+def test_chat_rows_train(client):
+    """A file of chat rows (OpenAI's usual format) trains as chat data (#10's `format`)."""
+    from sllm.finetune.config import DatasetConfig
+
+    if "format" not in DatasetConfig.model_fields:
+        pytest.skip("needs dataset_config.format (#10)")
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Hi {i}"},
+                {"role": "assistant", "content": "Arr"},
+            ]
+        }
+        for i in range(8)
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    fid = client.files.create(file=("chat.jsonl", data), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny/llama", training_file=fid, hyperparameters={"n_epochs": 1}
+    )
+    assert wait(client, job.id, {"succeeded", "failed"}).status == "succeeded"
