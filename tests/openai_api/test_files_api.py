@@ -190,3 +190,10 @@ def test_seed_file_source_refusals(api_server):
         r = submit(ds)
         assert r.status_code == 400 and what in r.json()["error"]["message"], r.text
     assert api_server.client.get("/v1/fine_tuning/jobs?limit=1000").json()["data"] == listed
+
+
+def test_byte_order_mark_and_crlf_lines_are_accepted(api_server):
+    r = upload(api_server, b'\xef\xbb\xbf{"text": "a"}\r\n{"prompt": "p", "completion": "c"}\r\n')
+    assert r.status_code == 400 and "line 2" in r.json()["error"]["message"]  # mixed formats
+    r = upload(api_server, b'\xef\xbb\xbf{"text": "a"}\r\n{"text": "b"}\r\n')
+    assert r.status_code == 200, r.text

@@ -96,6 +96,8 @@ def check_jsonl(path: Path, filename: str) -> tuple[str, int]:
             number += 1
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 raise _bad_line(filename, number, f"longer than {MAX_LINE_BYTES} bytes")
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark
             if not raw.strip():
                 continue
             try:

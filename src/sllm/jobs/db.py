@@ -311,9 +311,7 @@ class JobStore:
                     self._check_output_free(str(backend_config["output_dir"]))
                 for file_id in files:  # a file deleted since it was validated (same transaction
                     # as the Files API's delete, which refuses files that active jobs read)
-                    if not self._conn.execute(
-                        "SELECT 1 FROM files WHERE id = ?", (file_id,)
-                    ).fetchall():
+                    if not self._file_exists(file_id):
                         raise FileGone(file_id)
                 self._conn.execute(
                     "INSERT INTO jobs (id, status, priority, model, ft_backend, num_cpus, "
@@ -343,6 +341,16 @@ class JobStore:
         record = self.get(job_id)
         assert record is not None
         return record
+
+    def _file_exists(self, file_id: str) -> bool:
+        try:
+            return bool(
+                self._conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchall()
+            )
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # no file was ever uploaded to this store
+                return False
+            raise
 
     def _check_output_free(self, output_dir: str) -> None:
         """Inside a write transaction: no active job may write `output_dir` or around it."""
