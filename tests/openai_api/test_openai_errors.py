@@ -137,3 +137,45 @@ def test_names_round_trip():
         "ft:a:b:c:ckpt-step-1",
     ):
         assert parse_fine_tuned_model(bad) is None
+
+
+def test_deprecated_hyperparameters_map_onto_the_seed_config(api_server, file_id):
+    r = api_server.client.post(
+        JOBS,
+        json={
+            "model": "tiny/llama",
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 2, "learning_rate_multiplier": 0.5},
+        },
+    )
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["hyperparameters"] == {
+        "n_epochs": 1,
+        "batch_size": 2,
+        "learning_rate_multiplier": 0.5,
+    }
+    assert job["method"]["supervised"]["hyperparameters"] == job["hyperparameters"]
+    assert job["seed"] == 42 and job["fine_tuned_model"] is None and job["error"] is None
+    seed_view = api_server.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"]
+    config = seed_view["config"]
+    training = config["backend_config"]["training_config"]
+    assert (config["num_cpus"], config["num_gpus"]) == (1, 0)
+    assert training["learning_rate"] == 1e-4 and training["per_device_train_batch_size"] == 2
+    ds = config["backend_config"]["dataset_config"]
+    assert (ds["dataset_source"], ds["file_id"], ds["tokenization_field"]) == (
+        "file",
+        file_id,
+        "text",
+    )
+    api_server.client.post(f"{JOBS}/{job['id']}/cancel")
+
+
+def test_serving_routes_answer_under_openai_too(api_server):
+    for prefix in ("/v1", "/openai/v1"):
+        r = api_server.client.post(
+            f"{prefix}/chat/completions",
+            json={"model": "no/such", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        assert api_server.client.get(f"{prefix}/models").json()["object"] == "list"
