@@ -91,6 +91,9 @@ def test_create_poll_events_checkpoints(client, api_server, training_file):
     assert not (api_server.storage / "_jobs" / job.id / "epochs").exists()  # moved, not kept
     listed = client.fine_tuning.jobs.list(limit=50)
     assert job.id in [j.id for j in listed.data]
+    tagged = client.fine_tuning.jobs.list(metadata={"team": "deck"})
+    assert [j.id for j in tagged.data] == [job.id]
+    assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
 
 
 def test_cancel_pause_resume(client, api_server, training_file):

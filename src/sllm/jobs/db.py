@@ -375,9 +375,14 @@ class JobStore:
         limit: int = 20,
         after: str | None = None,
         status: JobStatus | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[list[JobRecord], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
+        """Newest first; `after` is the id of the last job of the previous page; `metadata`:
+        only jobs whose OpenAI metadata holds every one of these pairs."""
         where, params = [], []
+        for key, value in (metadata or {}).items():
+            where.append("json_extract(openai_json, '$.metadata.' || json_quote(?)) = ?")
+            params += [key, value]
         if after is not None:
             where.append("seq < (SELECT seq FROM jobs WHERE id = ?)")
             params.append(after)

@@ -221,12 +221,15 @@ class OpenAIFineTuning:
     def retrieve(self, job_id: str) -> OpenAIJob:
         return self.to_wire(self.jobs.record(job_id))
 
-    def list(self, after: str | None = None, limit: int = 20) -> OpenAIJobList:
+    def list(
+        self, after: str | None = None, limit: int = 20, metadata: dict[str, str] | None = None
+    ) -> OpenAIJobList:
+        """Newest first; `metadata` keeps the jobs created with all of these pairs."""
         if not 1 <= limit <= 1000:
             raise InvalidRequestError("`limit` must be between 1 and 1000.", param="limit")
         if after is not None and not self.jobs.store.exists(after):
             raise InvalidRequestError(f"`after`: no job with id {after!r}.", param="after")
-        records, more = self.jobs.store.list(limit=limit, after=after)
+        records, more = self.jobs.store.list(limit=limit, after=after, metadata=metadata)
         return OpenAIJobList(data=[self.to_wire(r) for r in records], has_more=more)
 
     def cancel(self, job_id: str) -> OpenAIJob:

@@ -46,8 +46,14 @@ def create_job(body: CreateJobRequest, request: Request) -> OpenAIJob:
 
 @router.get(JOBS, response_model=OpenAIJobList, responses=error_responses())
 def list_jobs(request: Request, after: str | None = Query(None), limit: int = _LIMIT):
-    """Jobs, newest first; page with `after` (the last id seen)."""
-    return _service(request).list(after=after, limit=limit)
+    """Jobs, newest first; page with `after` (the last id seen); `metadata[KEY]=VALUE` keeps
+    the jobs created with that metadata."""
+    metadata = {
+        key[len("metadata[") : -1]: value
+        for key, value in request.query_params.multi_items()
+        if key.startswith("metadata[") and key.endswith("]")
+    }
+    return _service(request).list(after=after, limit=limit, metadata=metadata or None)
 
 
 @router.get(
