@@ -197,3 +197,20 @@ def test_byte_order_mark_and_crlf_lines_are_accepted(api_server):
     assert r.status_code == 400 and "line 2" in r.json()["error"]["message"]  # mixed formats
     r = upload(api_server, b'\xef\xbb\xbf{"text": "a"}\r\n{"text": "b"}\r\n')
     assert r.status_code == 200, r.text
+
+
+def test_a_restart_removes_what_a_crash_left_of_uploads(tmp_path):
+    from sllm.files.store import FileStore
+
+    db = tmp_path / "sllm.db"
+    store = FileStore(tmp_path, db)
+    upload_ = store.begin()
+    upload_.write(text_rows(2))  # a crash here leaves scratch
+    kept = store.begin()
+    kept.write(text_rows(2))
+    rec = kept.finish("t.jsonl", "fine-tune")
+    orphan = tmp_path / "_files" / "file-0123456789abcdef01234567"
+    orphan.mkdir()  # moved into place, but the record was never written
+    store.close()
+    FileStore(tmp_path, db).close()
+    assert sorted(p.name for p in (tmp_path / "_files").iterdir()) == [rec.id]

@@ -4,7 +4,8 @@ the server's SQLite file (table `files`, beside the jobs).
 An upload streams into a scratch directory (`_files/.tmp-<random>/content`) while its sha256 and
 size are counted; it is then checked line by line (`check_jsonl`), fsynced and renamed into place
 in one step, and only then recorded. So a file that is listed is complete, and a crash mid-upload
-leaves only scratch, which the next start removes. Nothing holds a whole file in memory.
+leaves only scratch (or an unrecorded file), which the next start removes. Nothing holds a
+whole file in memory.
 
 A file that a pending, running or paused job trains on cannot be deleted (409): the check and the
 delete share one write transaction with job creation (same database), so they cannot interleave.
@@ -189,8 +190,17 @@ class FileStore:
         with self._lock:
             self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.executescript(_SCHEMA)
-        for stale in self.root.glob(".tmp-*"):  # uploads cut short by a crash
-            shutil.rmtree(stale, ignore_errors=True)
+        self._clean_orphans()
+
+    def _clean_orphans(self) -> None:
+        """Uploads cut short by a crash: scratch, and a file moved into place whose record was
+        never written (the server died between the rename and the insert)."""
+        known = {r["id"] for r in self._rows("SELECT id FROM files")}
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".tmp-") or (
+                entry.name.startswith("file-") and entry.name not in known
+            ):
+                shutil.rmtree(entry, ignore_errors=True)
 
     def close(self) -> None:
         with self._lock:
