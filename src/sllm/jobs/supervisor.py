@@ -14,7 +14,8 @@ Stopping the server cleanly (`stop`) is not a crash: each running job is marked 
 worker is asked (SIGTERM) to save a checkpoint at the next step boundary and exit, and the job goes
 back to `pending` without using up its crash re-queue (`max_restarts` counts only crashes: a
 server found dead, a lost node). A pause (`JobStore.request_pause`) is the same stop for one job,
-with the same grace, but the job then goes to `paused` and waits for a resume. Once an hour, and at start, the files of jobs that ended more than
+with the same grace, but the job then goes to `paused` and waits for a resume. Once an hour, and
+at start, the files of jobs that ended more than
 `log_retention_s` ago (`_jobs/<id>/`, their worker log) are deleted.
 """
 
