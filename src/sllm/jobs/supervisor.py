@@ -15,8 +15,8 @@ worker is asked (SIGTERM) to save a checkpoint at the next step boundary and exi
 back to `pending` without using up its crash re-queue (`max_restarts` counts only crashes: a
 server found dead, a lost node). A pause (`JobStore.request_pause`) is the same stop for one job,
 with the same grace, but the job then goes to `paused` and waits for a resume. Once an hour, and
-at start, the files of jobs that ended more than
-`log_retention_s` ago (`_jobs/<id>/`, their worker log) are deleted.
+at start, the files of jobs that ended more than `log_retention_s` ago (`_jobs/<id>/`, their
+worker log) are deleted.
 """
 
 from __future__ import annotations
