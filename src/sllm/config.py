@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sllm.paths import storage_path
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB of JSON: a job config or a long chat, not a dataset
+DEFAULT_MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB: an uploaded training file (the Files API)
 
 
 class Settings(BaseModel):
@@ -50,6 +51,24 @@ class Settings(BaseModel):
     )
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above)."
+    )
+
+    max_upload_bytes: int = Field(
+        DEFAULT_MAX_UPLOAD_BYTES,
+        ge=1024,
+        description="Largest file `POST /v1/files` accepts (413 above); streamed to disk.",
+    )
+    openai_num_cpus: int = Field(
+        1, ge=1, description="CPU cores of a job created through the OpenAI surface."
+    )
+    openai_num_gpus: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs of a job created through the OpenAI surface; default 1 when the server "
+        "has a GPU, else 0.",
+    )
+    openai_timeout_s: float = Field(
+        24 * 3600.0, gt=0, description="Timeout of a job created through the OpenAI surface."
     )
 
     def resolved_data_roots(self) -> list[Path]:

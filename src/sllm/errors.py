@@ -4,6 +4,7 @@
     ├── InvalidRequestError  400   the client sent something we will not run (names the field)
     ├── NotFoundError        404   unknown job, model, deployment or adapter
     ├── ConflictError        409   the request clashes with the object's state
+    ├── TooLargeError        413   an upload over the server's limit
     └── OverloadedError      503   no capacity right now; retry later (carries retry_after)
 
 Services raise these; `sllm.api.errors` maps them to HTTP in exactly one place.
@@ -35,6 +36,11 @@ class NotFoundError(SllmError):
 class ConflictError(SllmError):
     status_code = 409
     error_type = "conflict_error"
+
+
+class TooLargeError(SllmError):
+    status_code = 413
+    error_type = "request_too_large"
 
 
 class OverloadedError(SllmError):

@@ -72,5 +72,10 @@ def jobs_dir(storage: Path) -> Path:
     return storage / "_jobs"
 
 
+def files_dir(storage: Path) -> Path:
+    """Uploaded files (`POST /v1/files`): `_files/<file-id>/content`."""
+    return storage / "_files"
+
+
 def db_path(storage: Path) -> Path:
     return storage / "sllm.db"

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sllm.config import Settings
+from sllm.files.store import FileStore
 from sllm.jobs.db import JobStore
 from sllm.jobs.launcher import LocalLauncher
 from sllm.jobs.resources import ResourcePool
@@ -26,6 +27,7 @@ class Services:
     extra: dict[str, Any] = field(default_factory=dict)
     deployments: DeploymentService | None = None
     cluster: Any = None  # sllm.cluster.launcher.RayCluster with --ray-address
+    files: FileStore | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -52,12 +54,20 @@ class Services:
             shutdown_grace_s=settings.shutdown_grace_s,
             log_retention_s=settings.log_retention_days * 86400,
         )
-        jobs = JobService(settings, store, pool, supervisor)
+        files = FileStore(storage, db_path(storage), max_bytes=settings.max_upload_bytes)
+        jobs = JobService(settings, store, pool, supervisor, files=files)
         registry = DeploymentRegistry(db_path(storage))
         options = {"process_factory": cluster.instances} if cluster else {}
         deployments = DeploymentService(storage, pool, supervisor.wake, registry, **options)
         return cls(
-            settings, store, pool, supervisor, jobs, deployments=deployments, cluster=cluster
+            settings,
+            store,
+            pool,
+            supervisor,
+            jobs,
+            deployments=deployments,
+            cluster=cluster,
+            files=files,
         )
 
     def start(self) -> None:
@@ -74,4 +84,6 @@ class Services:
         self.supervisor.stop()
         if self.cluster is not None:
             self.cluster.close()
+        if self.files is not None:
+            self.files.close()
         self.store.close()

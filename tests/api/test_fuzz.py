@@ -39,6 +39,13 @@ def fuzz_server(tmp_path_factory, tiny_model_src):
         "/v1/deployments", json={"model": "tiny/llama", "keep_alive": 600, "max_queue": 4}
     )
     assert deployed.status_code == 200, deployed.text
+    from tests.openai_api.conftest import text_rows
+
+    uploaded = server.client.post(
+        "/v1/files", files={"file": ("t.jsonl", text_rows(8))}, data={"purpose": "fine-tune"}
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    server.file_id = uploaded.json()["id"]
     yield server
     server.stop()
 
@@ -88,6 +95,11 @@ def test_everything_stored_reads_back_after_the_fuzz(fuzz_server):
         for job in jobs:
             assert srv.client.get(f"/v1/fine_tuning/jobs/{job['id']}").status_code == 200
             assert srv.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").status_code == 200
+            for tail in ("", "/events", "/checkpoints"):
+                r = srv.client.get(f"/openai/v1/fine_tuning/jobs/{job['id']}{tail}")
+                assert r.status_code == 200, r.text
+        for f in srv.client.get("/v1/files").json()["data"]:
+            assert srv.client.get(f"/openai/v1/files/{f['id']}/content").status_code == 200
         assert srv.client.get("/v1/deployments").status_code == 200
         assert srv.client.get("/v1/models").status_code == 200
         return len(jobs)
@@ -149,13 +161,30 @@ def _replace(node, path, value):
     return out
 
 
-def _valid_bodies(storage) -> dict[str, dict]:
+def _valid_bodies(storage, file_id: str) -> dict[str, dict]:
     from tests.conftest import job_config
 
     job = job_config(storage, num_cpus=1)
     job["backend_config"]["training_config"].update(max_steps=1, num_train_epochs=1)
+    on_file = job_config(storage, num_cpus=1, output_dir="tiny/adapters/on_file")
+    on_file["backend_config"]["dataset_config"] = {
+        "dataset_source": "file",
+        "file_id": file_id,
+        "tokenization_field": "text",
+    }
+    on_file["backend_config"]["training_config"].update(max_steps=1, num_train_epochs=1)
+    hp = {"n_epochs": 1, "batch_size": "auto", "learning_rate_multiplier": 2}
     return {
         "/v1/fine_tuning/jobs": job,
+        "/v1/fine-tuning/jobs": on_file,
+        "/openai/v1/fine_tuning/jobs": {
+            "model": "tiny/llama",
+            "training_file": file_id,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+            "suffix": "fuzz",
+            "seed": 3,
+            "metadata": {"k": "v"},
+        },
         "/v1/deployments": {"model": "tiny/llama", "keep_alive": 600, "max_queue": 4},
         "/v1/chat/completions": {
             "model": "tiny/llama",
@@ -182,7 +211,7 @@ DOCUMENTED = {200, 400, 401, 404, 409, 413, 429, 503}
 def test_valid_requests_with_one_hostile_value(fuzz_server, data):
     import json
 
-    bodies = _valid_bodies(fuzz_server.storage)
+    bodies = _valid_bodies(fuzz_server.storage, fuzz_server.file_id)
     route = data.draw(st.sampled_from(sorted(bodies)))
     body = bodies[route]
     path = data.draw(st.sampled_from(list(_leaves(body))))

@@ -120,7 +120,9 @@ def test_end_to_end_llama_on_the_demo_dataset(backend, ft_storage, reporter, pir
     # nothing but the adapter beside it: scratch dirs are gone, trainer output lives in _jobs
     assert sorted(p.name for p in adapter_dir.parent.iterdir() if p.name.startswith(".t")) == []
     assert (ft_storage / "_jobs" / "job-1" / "trainer").is_dir()
-    assert not any(p.name.startswith("checkpoint") for p in adapter_dir.iterdir())
+    assert not any(p.name.startswith("checkpoint-") for p in adapter_dir.iterdir())
+    # only the epoch checkpoints (one epoch here: the final step), out of the loader's way
+    assert [p.name for p in (adapter_dir / "checkpoints").iterdir()] == [f"step-{steps}"]
 
     meta = json.loads((adapter_dir / "training_metadata.json").read_text())
     from sllm.store import model_checksum

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from sllm import __version__
 from sllm.api.edge import EdgeMiddleware
 from sllm.api.errors import drop_validation_422, install_error_handlers
-from sllm.api.routes import fine_tuning, serving
+from sllm.api.routes import files, fine_tuning, openai_ft, serving
 from sllm.config import Settings
 from sllm.services import Services
 
@@ -110,10 +110,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="sllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(
-        EdgeMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes
+        EdgeMiddleware,
+        api_keys=settings.api_keys,
+        max_body_bytes=settings.max_body_bytes,
+        streamed_paths=files.UPLOAD_PATHS,
+        max_upload_bytes=settings.max_upload_bytes,
     )
     app.include_router(fine_tuning.router)
     app.include_router(serving.router)
+    app.include_router(files.router)
+    app.include_router(openai_ft.router)
+    app.include_router(openai_ft.serving_mirror(serving.router))
     _document_errors(app)
 
     @app.get("/health", tags=["server"])

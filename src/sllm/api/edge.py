@@ -8,6 +8,9 @@ passed these checks:
   OpenAI SDK's `api_key` just works.
 - Body size: a body over `max_body_bytes` is a 413 before it is read further (by its
   `Content-Length`, or as it streams in); nothing is stored.
+- Uploads: a `multipart/form-data` POST to one of `streamed_paths` (the Files API) is passed on
+  unread, for the route to stream to disk; its limit is `max_upload_bytes` (checked here against
+  `Content-Length`, and by the file store as the bytes arrive), not `max_body_bytes`.
 - JSON hygiene: the body must parse as strict JSON (no `NaN`/`Infinity`, no float that overflows to
   infinity such as `1e999`, no integer beyond a signed 64-bit one), nested at most `MAX_DEPTH`
   deep, with no unpaired UTF-16 surrogate and no NUL in any string, no control character in any
@@ -30,11 +33,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from sllm.api.errors import error_body, send_json
-from sllm.config import DEFAULT_MAX_BODY_BYTES
+from sllm.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from sllm.jobs.models import INT64_MAX
 
 MAX_DEPTH = 64
 MAX_KEY_CHARS = 256
+UPLOAD_FRAMING_BYTES = 64 * 1024  # multipart boundaries, part headers and the small fields
 INT64_MIN = -INT64_MAX - 1
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key
@@ -182,10 +186,14 @@ class EdgeMiddleware:
         *,
         api_keys: Iterable[str] = (),
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        streamed_paths: Iterable[str] = (),
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     ) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys if k]
         self.max_body_bytes = max_body_bytes
+        self.streamed_paths = frozenset(streamed_paths)
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -202,6 +210,9 @@ class EdgeMiddleware:
             and not _header(scope, b"transfer-encoding")
         ):
             await self._guarded(scope, receive, send)
+            return
+        if self._is_upload(scope):
+            await self._upload(scope, receive, send)
             return
         body, problem = await self._read_body(scope, receive)
         if problem is not None:
@@ -231,6 +242,40 @@ class EdgeMiddleware:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             message = f"Internal server error ({type(exc).__name__}); the server log has details."
             await send_json(send, 500, error_body(message, "internal_error", None, 500))
+
+    def _is_upload(self, scope: Scope) -> bool:
+        ctype = (_header(scope, b"content-type") or b"").lower()
+        return (
+            scope["method"] == "POST"
+            and scope["path"] in self.streamed_paths
+            and ctype.startswith(b"multipart/form-data")
+        )
+
+    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Streamed to the route unread; only a declared length over the limit stops it here
+        (the multipart framing gets `UPLOAD_FRAMING_BYTES` on top of the file's own limit)."""
+        declared = _header(scope, b"content-length")
+        try:
+            too_big = declared is not None and int(declared) > (
+                self.max_upload_bytes + UPLOAD_FRAMING_BYTES
+            )
+        except ValueError:
+            await send_json(
+                send,
+                400,
+                error_body(
+                    "The Content-Length header is not a number.", "invalid_request_error", None, 400
+                ),
+            )
+            return
+        if too_big:
+            message = (
+                f"The upload is larger than the server's limit of {self.max_upload_bytes} bytes "
+                "(`sllm start --max-upload-bytes`)."
+            )
+            await send_json(send, 413, error_body(message, "request_too_large", "file", 413))
+            return
+        await self._guarded(scope, receive, send)
 
     def _authorised(self, scope: Scope) -> bool:
         auth = _header(scope, b"authorization") or b""

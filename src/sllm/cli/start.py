@@ -9,7 +9,7 @@ import os
 import sys
 
 from sllm.cli.client import finite_float
-from sllm.config import DEFAULT_MAX_BODY_BYTES
+from sllm.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 
 
 def add_parser(sub) -> None:
@@ -63,6 +63,31 @@ def add_parser(sub) -> None:
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"Largest request body; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES}).",
+    )
+    p.add_argument(
+        "--max-upload-bytes",
+        type=int,
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        help="Largest file `POST /v1/files` takes; streamed to disk, larger ones get 413 "
+        f"(default {DEFAULT_MAX_UPLOAD_BYTES}, 1 GiB).",
+    )
+    p.add_argument(
+        "--openai-num-cpus",
+        type=int,
+        default=1,
+        help="CPU cores of a job created through /openai/v1/fine_tuning/jobs (default 1).",
+    )
+    p.add_argument(
+        "--openai-num-gpus",
+        type=int,
+        default=None,
+        help="GPUs of such a job (default: 1 if the server has a GPU, else 0).",
+    )
+    p.add_argument(
+        "--openai-timeout-seconds",
+        type=finite_float,
+        default=24 * 3600.0,
+        help="Timeout of such a job (default 86400, a day).",
     )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
@@ -126,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         api_keys=keys,
         max_body_bytes=args.max_body_bytes,
+        max_upload_bytes=args.max_upload_bytes,
+        openai_num_cpus=args.openai_num_cpus,
+        openai_num_gpus=args.openai_num_gpus,
+        openai_timeout_s=args.openai_timeout_seconds,
     )
     try:  # before anything reads the store: a second server must not touch the first's jobs
         lock = acquire_server_lock(settings.storage_path, host=settings.host, port=settings.port)

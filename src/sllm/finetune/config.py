@@ -78,9 +78,13 @@ class DatasetConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    dataset_source: Literal["hf_hub", "local"] = Field(
+    dataset_source: Literal["hf_hub", "local", "file"] = Field(
         description="`hf_hub`: a dataset repository id (or a directory inside the data roots); "
-        "`local`: files given by `data_files` and `extension_type`."
+        "`local`: files given by `data_files` and `extension_type`; `file`: a file uploaded "
+        "with `POST /v1/files`, given by `file_id` (JSON Lines)."
+    )
+    file_id: str | None = Field(
+        None, description="`file` only: the id of an uploaded file (`file-...`)."
     )
     hf_dataset_name: str | None = Field(
         None, description="Hub dataset id such as `fka/awesome-chatgpt-prompts` (hf_hub only)."

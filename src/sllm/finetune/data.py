@@ -23,8 +23,9 @@ from sllm.finetune.config import (
     packaged_builders,
 )
 from sllm.finetune.datascan import check_local_data
-from sllm.paths import db_path, jobs_dir
+from sllm.paths import db_path, files_dir, jobs_dir
 
+_FILE_ID = re.compile(r"^file-[0-9a-f]{8,64}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -59,7 +60,7 @@ def _store_internal(real: Path, storage: Path | None) -> bool:
         return False
     parts = real.relative_to(store).parts
     return bool(parts) and (
-        parts[0] in (jobs_dir(store).name, "_serve", "sllm.lock")
+        parts[0] in (jobs_dir(store).name, "_serve", "_files", "sllm.lock")
         or parts[0].startswith(db_path(store).name)
     )
 
@@ -318,6 +319,12 @@ def check_dataset_config(
     """Validate and normalise a dataset config (paths made absolute; the data itself read
     cheaply, see `check_local_data`); returns a plain dict. `summary`, when given, receives
     what the scan of local data saw (rows, format, estimated tokens)."""
+    if ds.dataset_source == "file":
+        return _check_file_dataset(ds, storage, num_cpus, summary)
+    if ds.file_id is not None:
+        raise InvalidRequestError(
+            f"`{DS}.file_id` applies to dataset_source 'file' only.", param=f"{DS}.file_id"
+        )
     local = ds.dataset_source == "local"
     extras = ds.extras()
     extension = normalise_extension(ds.extension_type) if local else None
@@ -350,6 +357,51 @@ def check_dataset_config(
     return out
 
 
+def uploaded_file_path(storage: Path, file_id: Any) -> Path:
+    """Where an uploaded file's content lies; a 400 when there is no such file."""
+    param = f"{DS}.file_id"
+    if not isinstance(file_id, str) or not _FILE_ID.match(file_id):
+        raise InvalidRequestError(
+            f"`{param}` must be the id of an uploaded file (`file-...`, from `POST /v1/files`), "
+            f"got {file_id!r}.",
+            param=param,
+        )
+    path = files_dir(Path(storage)) / file_id / "content"
+    if not path.is_file():
+        raise InvalidRequestError(
+            f"`{param}`: no uploaded file with id {file_id!r}; upload it with `POST /v1/files` "
+            "(see `GET /v1/files`).",
+            param=param,
+        )
+    return path
+
+
+def _check_file_dataset(
+    ds: DatasetConfig,
+    storage: Path | None,
+    num_cpus: int | None,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`dataset_source: file`: an uploaded JSON Lines file, read where the store keeps it."""
+    if storage is None:
+        raise InvalidRequestError("Uploaded files need the server's store.", param=DS)
+    for key in ("data_files", "hf_dataset_name"):
+        if getattr(ds, key):
+            raise InvalidRequestError(
+                f"`{DS}.{key}` does not apply to dataset_source 'file' (the data is `file_id`).",
+                param=f"{DS}.{key}",
+            )
+    path = uploaded_file_path(storage, ds.file_id)
+    extras = ds.extras()
+    check_dataset_extras(extras, local=True, extension="json", num_cpus=num_cpus)
+    seen = check_local_data([str(path)], "json", ds.tokenization_field, extras, ds.format)
+    if summary is not None:
+        summary.update(seen)
+    out = ds.model_dump()
+    out.update(data_files=str(path), extension_type="json")  # what the worker's loader reads
+    return out
+
+
 def describe_dataset(ds: DatasetConfig) -> dict[str, Any]:
     """The dataset as recorded in training_metadata.json."""
     desc: dict[str, Any] = {
@@ -357,7 +409,9 @@ def describe_dataset(ds: DatasetConfig) -> dict[str, Any]:
         "split": ds.split,
         "tokenization_field": ds.tokenization_field,
     }
-    if ds.dataset_source == "local":
+    if ds.dataset_source == "file":
+        desc["file_id"] = ds.file_id
+    elif ds.dataset_source == "local":
         desc["data_files"] = ds.data_files
         desc["extension_type"] = ds.extension_type
     else:
@@ -377,7 +431,7 @@ def load_training_dataset(ds: DatasetConfig):
 
     extras = ds.extras()
     name = ds.hf_dataset_name or ""
-    if ds.dataset_source != "local" and name.strip().lower() in packaged_builders():
+    if ds.dataset_source == "hf_hub" and name.strip().lower() in packaged_builders():
         # refused at submit (it would read any file); a record from before that rule stops here
         raise InvalidRequestError(
             f"`{DS}.hf_dataset_name`: {name!r} is a file format; use dataset_source 'local'.",
@@ -385,7 +439,7 @@ def load_training_dataset(ds: DatasetConfig):
         )
     _check_unmoved(ds)
     try:
-        if ds.dataset_source == "local":
+        if ds.dataset_source in ("local", "file"):
             dataset = load_dataset(
                 normalise_extension(ds.extension_type),
                 data_files=ds.data_files,
@@ -421,7 +475,7 @@ def _check_unmoved(ds: DatasetConfig) -> None:
     """The paths validated at submit (stored resolved) still resolve to themselves: a file or
     directory swapped for a symlink since then could lead outside the data roots, which the
     worker does not know."""
-    if ds.dataset_source == "local":
+    if ds.dataset_source in ("local", "file"):
         files = [ds.data_files] if isinstance(ds.data_files, str) else list(ds.data_files)
         param = f"{DS}.data_files"
     elif ds.hf_dataset_name and os.path.isabs(ds.hf_dataset_name):
@@ -440,7 +494,9 @@ def _check_unmoved(ds: DatasetConfig) -> None:
 def _load_error(ds: DatasetConfig, exc: BaseException) -> InvalidRequestError:
     """A loader failure in one sentence that quotes nothing from the data (parsers put rows and
     column names of whatever file they read into their messages); the cause is in the log."""
-    if ds.dataset_source == "local":
+    if ds.dataset_source == "file":
+        what = f"the uploaded file {ds.file_id}"
+    elif ds.dataset_source == "local":
         what = f"the {normalise_extension(ds.extension_type)} file(s) in `data_files`"
     else:
         what = "the dataset (from the Hub, its cache or its directory)"

@@ -20,6 +20,7 @@ from sllm.errors import InvalidRequestError
 from sllm.finetune.config import DS
 from sllm.finetune.formats import (
     CHAT,
+    PROMPT_COMPLETION,
     TEXT,
     check_row,
     detect_format,
@@ -415,3 +416,32 @@ def _scan_text(
             rows += 1
             scan.chars += len(line)
     return rows, {"text"}, field == "text"
+
+
+# ---------------------------------------------------------------------------------------------
+# one row of an uploaded JSON Lines file (the Files API): which training format it is in
+
+ROW_FORMATS = (TEXT, CHAT, PROMPT_COMPLETION)
+
+
+class RowError(ValueError):
+    """A row in no known format; the message says what is wrong (never quoting the row)."""
+
+
+def row_format(row: Any) -> str:
+    """`text` (a `text` string), `chat` (`messages`, see `formats.check_messages`) or
+    `prompt_completion` (`prompt` and `completion` strings); else `RowError`. The same row
+    checks as a job's data scan (`formats.check_row`), with `text` as the text rows' field."""
+    if not isinstance(row, dict):
+        raise RowError("not a JSON object")
+    fmt = detect_format(row)
+    if fmt == TEXT and "text" not in row:
+        keys = ", ".join(repr(k[:40]) for k in list(row)[:10]) or "none"
+        raise RowError(
+            "no `messages`, `prompt` + `completion` or `text` field (a training row needs one); "
+            f"its keys: {keys}"
+        )
+    problem = check_row(row, fmt, "text")
+    if problem:
+        raise RowError(problem)
+    return fmt

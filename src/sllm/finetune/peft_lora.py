@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm.errors import ConflictError, InvalidRequestError
+from sllm.finetune import epochs
 from sllm.finetune.base import (
     JobSpec,
     Reporter,
@@ -349,6 +350,8 @@ class PeftLoraBackend:
             callbacks.insert(0, validator.callback())  # its on_save before graceful stop's
         if cfg.checkpoint_minutes > 0:
             callbacks.append(periodic_checkpoint_callback(cfg.checkpoint_minutes * 60))
+        epochs_root = jobs_dir(storage) / spec.job_id / epochs.SCRATCH_NAME
+        callbacks.append(epochs.epoch_callback(epochs_root))
         manifest = read_manifest(storage, spec.model) or {}
         versions = library_versions()
         fingerprint = run_fingerprint(  # what decides the batches and the steps
@@ -406,6 +409,7 @@ class PeftLoraBackend:
                 reporter.event("warning", "torch.compile produced no graph: the job ran eagerly.")
         state = trainer.state
         guard.raise_if_diverged(int(state.global_step), cfg.training_config)
+        epochs.save_final(peft_model, epochs_root, state)
         validation = None
         if validator is not None:
             if not validator.history or validator.history[-1]["step"] != state.global_step:
@@ -456,7 +460,7 @@ class PeftLoraBackend:
             "versions": versions,
         }
         replaced = save_adapter_atomically(
-            peft_model, tokenizer, adapter_dir, metadata, spec.model, storage
+            peft_model, tokenizer, adapter_dir, metadata, spec.model, storage, epochs_root
         )
         if replaced is not None:
             made_by = (
@@ -786,7 +790,13 @@ def _adapter_base(adapter_dir: Path) -> str | None:
 
 
 def save_adapter_atomically(
-    peft_model, tokenizer, adapter_dir: Path, metadata: dict[str, Any], model: str, storage: Path
+    peft_model,
+    tokenizer,
+    adapter_dir: Path,
+    metadata: dict[str, Any],
+    model: str,
+    storage: Path,
+    checkpoints: Path | None = None,
 ) -> dict[str, Any] | None:
     """Write the adapter into a scratch dir beside `adapter_dir`, then swap it into place.
 
@@ -795,6 +805,9 @@ def save_adapter_atomically(
     new one, never a gap or a mix; elsewhere it is moved aside first and restored if the second
     rename fails. The old one is removed afterwards. The scratch dirs follow the store's naming
     (`.tmp-<pid>-...`, `.old-<pid>-...`) and the swap holds the store's lock.
+
+    `checkpoints` (the job's epoch checkpoints, see `sllm.finetune.epochs`) are copied into
+    `checkpoints/` of the new adapter before the swap, so they appear together with it.
 
     Returns what was replaced (`describe_adapter` of the previous adapter), or None.
     """
@@ -812,6 +825,9 @@ def save_adapter_atomically(
         _name_base_model(tmp / ADAPTER_CONFIG_NAME, model)
         tokenizer.save_pretrained(str(tmp))
         (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+        if checkpoints is not None:
+            for step, src in epochs.checkpoint_dirs(checkpoints):
+                shutil.copytree(src, tmp / epochs.DIR_NAME / f"step-{step}")
         layout.normalise_permissions(tmp)
         _fsync_tree(tmp)
         with layout.store_lock(backend_root(storage)):

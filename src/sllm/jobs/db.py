@@ -72,6 +72,10 @@ _ADDED_COLUMNS = {
         "UPDATE jobs SET crash_requeues = MAX(attempts - 1, 0)",
     ),
     "clean_stop": ("INTEGER NOT NULL DEFAULT 0", None),
+    # what the OpenAI surface was asked (suffix, metadata, files, method); null for seed jobs
+    "openai_json": ("TEXT", None),
+    # a pause was asked for a running job: its worker checkpoints and stops, the job is paused
+    "pause_requested": ("INTEGER NOT NULL DEFAULT 0", None),
 }
 
 
@@ -107,6 +111,8 @@ class JobRecord:
     worker_pid: int | None
     worker_host: str | None
     resources: dict[str, Any] | None
+    openai: dict[str, Any] | None = None  # the OpenAI request's own fields (suffix, metadata...)
+    pause_requested: bool = False
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -139,6 +145,8 @@ class JobRecord:
             worker_pid=d["worker_pid"],
             worker_host=d["worker_host"],
             resources=json.loads(d["resources_json"]) if d["resources_json"] else None,
+            openai=json.loads(d["openai_json"]) if d.get("openai_json") else None,
+            pause_requested=bool(d.get("pause_requested", 0)),
         )
 
 
@@ -157,15 +165,15 @@ def connect_read_only(path: Path) -> sqlite3.Connection | None:
 
 
 def read_active_jobs(path: Path) -> list[JobRecord]:
-    """Pending and running jobs in the database at `path`, oldest first, read without a server
-    (what `sllm-store delete` checks); [] when there is no database or no job table yet."""
+    """Pending, running and paused jobs in the database at `path`, oldest first, read without a
+    server (what `sllm-store delete` checks); [] when there is no database or no job table yet."""
     conn = connect_read_only(path)
     if conn is None:
         return []
     try:
         rows = conn.execute(
-            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY seq",
-            (JobStatus.PENDING.value, JobStatus.RUNNING.value),
+            "SELECT * FROM jobs WHERE status IN (?, ?, ?) ORDER BY seq",
+            (JobStatus.PENDING.value, JobStatus.RUNNING.value, JobStatus.PAUSED.value),
         ).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):  # no job was ever submitted
@@ -174,6 +182,14 @@ def read_active_jobs(path: Path) -> list[JobRecord]:
     finally:
         conn.close()
     return [JobRecord.from_row(r) for r in rows]
+
+
+class FileGone(Exception):
+    """`create` found that an uploaded file the job reads was deleted meanwhile."""
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(file_id)
+        self.file_id = file_id
 
 
 class OutputDirInUse(Exception):
@@ -280,6 +296,8 @@ class JobStore:
         backend_config: dict[str, Any],
         exclusive_output: bool = False,
         created: tuple[str, dict[str, Any]] | None = None,
+        files: list[str] = (),
+        openai: dict[str, Any] | None = None,
     ) -> JobRecord:
         """Insert a pending job. With `exclusive_output`, raise `OutputDirInUse` when a pending or
         running job writes the same `backend_config["output_dir"]` (or one inside the other),
@@ -292,10 +310,14 @@ class JobStore:
             try:
                 if exclusive_output and backend_config.get("output_dir"):
                     self._check_output_free(str(backend_config["output_dir"]))
+                for file_id in files:  # a file deleted since it was validated (same transaction
+                    # as the Files API's delete, which refuses files that active jobs read)
+                    if not self._file_exists(file_id):
+                        raise FileGone(file_id)
                 self._conn.execute(
                     "INSERT INTO jobs (id, status, priority, model, ft_backend, num_cpus, "
                     "num_gpus, timeout, config_json, backend_config_json, created_time, "
-                    "updated_time) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "updated_time, openai_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         job_id,
                         JobStatus.PENDING.value,
@@ -309,6 +331,7 @@ class JobStore:
                         json.dumps(backend_config),
                         ts,
                         ts,
+                        json.dumps(openai) if openai is not None else None,
                     ),
                 )
                 note, data = created or ("", None)
@@ -322,12 +345,23 @@ class JobStore:
         assert record is not None
         return record
 
+    def _file_exists(self, file_id: str) -> bool:
+        try:
+            return bool(
+                self._conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchall()
+            )
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # no file was ever uploaded to this store
+                return False
+            raise
+
     def _check_output_free(self, output_dir: str) -> None:
         """Inside a write transaction: no active job may write `output_dir` or around it."""
         mine = output_key(output_dir)
         rows = self._conn.execute(
-            "SELECT id, status, backend_config_json FROM jobs WHERE status IN (?, ?) ORDER BY seq",
-            (JobStatus.PENDING.value, JobStatus.RUNNING.value),
+            "SELECT id, status, backend_config_json FROM jobs WHERE status IN (?, ?, ?) "
+            "ORDER BY seq",
+            (JobStatus.PENDING.value, JobStatus.RUNNING.value, JobStatus.PAUSED.value),
         ).fetchall()
         for row in rows:
             theirs = json.loads(row["backend_config_json"]).get("output_dir")
@@ -344,9 +378,14 @@ class JobStore:
         limit: int = 20,
         after: str | None = None,
         status: JobStatus | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> tuple[list[JobRecord], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
+        """Newest first; `after` is the id of the last job of the previous page; `metadata`:
+        only jobs whose OpenAI metadata holds every one of these pairs."""
         where, params = [], []
+        for key, value in (metadata or {}).items():
+            where.append("json_extract(openai_json, '$.metadata.' || json_quote(?)) = ?")
+            params += [key, value]
         if after is not None:
             where.append("seq < (SELECT seq FROM jobs WHERE id = ?)")
             params.append(after)
@@ -410,6 +449,9 @@ class JobStore:
         if to is JobStatus.RUNNING:
             sets.update(started_time=ts, finished_time=None, adapter_path=None)
             sets.update(error_message=None, error_kind=None, progress_json=None, clean_stop=0)
+            sets.update(pause_requested=0)
+        if to is JobStatus.PAUSED:
+            sets["pause_requested"] = 0
         if to in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED):
             sets["finished_time"] = ts
         if error_kind is not None:
@@ -483,6 +525,38 @@ class JobStore:
                 raise
         return marked
 
+    def request_pause(self, job_id: str) -> bool:
+        """Ask the supervisor to pause a running job (its worker checkpoints at the next step
+        boundary and stops; the supervisor then moves it to `paused`). False if not running."""
+        ts = now_iso()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._conn.execute(
+                    "UPDATE jobs SET pause_requested = 1, updated_time = ? WHERE id = ? AND "
+                    "status = ? AND pause_requested = 0",
+                    (ts, job_id, JobStatus.RUNNING.value),
+                )
+                asked = cur.rowcount == 1
+                if asked:
+                    message = "Pause requested: the job stops at its next step boundary."
+                    self._insert_event(job_id, "info", "status", message, None, ts)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return asked
+
+    def pause_requests(self, job_ids: list[str]) -> set[str]:
+        """Which of these jobs have a pause asked for."""
+        if not job_ids:
+            return set()
+        marks = ",".join("?" * len(job_ids))
+        rows = self._read(
+            f"SELECT id FROM jobs WHERE pause_requested = 1 AND id IN ({marks})", tuple(job_ids)
+        )
+        return {r[0] for r in rows}
+
     def finished_times(self, job_ids: list[str]) -> dict[str, str | None]:
         """`finished_time` of each known job (None while it has not ended)."""
         out: dict[str, str | None] = {}
@@ -530,15 +604,25 @@ class JobStore:
             "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after or 0, limit + 1),
         )
-        out = [
-            {
-                "id": r["seq"],
-                "created_time": r["created_time"],
-                "level": r["level"],
-                "type": r["type"],
-                "message": r["message"],
-                "data": json.loads(r["data_json"]) if r["data_json"] else None,
-            }
-            for r in rows[:limit]
-        ]
-        return out, len(rows) > limit
+        return [_event_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def events_newest_first(
+        self, job_id: str, *, limit: int = 20, before: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first (OpenAI's order); `before` is the last (oldest) event id seen."""
+        rows = self._read(
+            "SELECT * FROM events WHERE job_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (job_id, before if before is not None else 2**63 - 1, limit + 1),
+        )
+        return [_event_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def _event_row(r: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": r["seq"],
+        "created_time": r["created_time"],
+        "level": r["level"],
+        "type": r["type"],
+        "message": r["message"],
+        "data": json.loads(r["data_json"]) if r["data_json"] else None,
+    }

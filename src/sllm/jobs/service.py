@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from sllm.config import Settings
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.finetune.base import ValidationContext, get_backend
-from sllm.jobs.db import JobRecord, JobStore, OutputDirInUse, output_key
+from sllm.jobs.db import FileGone, JobRecord, JobStore, OutputDirInUse, output_key
 from sllm.jobs.models import (
     FineTuningJob,
     FineTuningJobRequest,
@@ -21,7 +21,7 @@ from sllm.jobs.models import (
     JobStatusBody,
 )
 from sllm.jobs.resources import ResourcePool, require_fit
-from sllm.jobs.states import TERMINAL, JobStatus
+from sllm.jobs.states import ACTIVE, TERMINAL, JobStatus
 from sllm.jobs.supervisor import Supervisor
 
 
@@ -73,15 +73,27 @@ def _output_conflict(busy: OutputDirInUse, mine: str | None) -> ConflictError:
 
 class JobService:
     def __init__(
-        self, settings: Settings, store: JobStore, pool: ResourcePool, supervisor: Supervisor
+        self,
+        settings: Settings,
+        store: JobStore,
+        pool: ResourcePool,
+        supervisor: Supervisor,
+        files: Any = None,  # sllm.files.store.FileStore: uploaded data a job may train on
     ) -> None:
         self.settings = settings
         self.store = store
         self.pool = pool
         self.supervisor = supervisor
+        self.files = files
 
-    def submit(self, payload: dict[str, Any] | FineTuningJobRequest) -> str:
-        """Validate everything a run would reject, then record the job as pending."""
+    def submit(
+        self,
+        payload: dict[str, Any] | FineTuningJobRequest,
+        *,
+        openai: dict[str, Any] | None = None,
+    ) -> str:
+        """Validate everything a run would reject, then record the job as pending. `openai`:
+        what the OpenAI surface was asked beyond the config (suffix, metadata, file ids)."""
         if isinstance(payload, FineTuningJobRequest):
             req = payload
         else:
@@ -108,6 +120,8 @@ class JobService:
         )
         normalised = backend.validate(dict(req.backend_config), ctx)
         config = req.model_dump(exclude={"priority"})
+        from sllm.files.store import file_ids
+
         try:
             rec = self.store.create(
                 model=req.model,
@@ -120,11 +134,22 @@ class JobService:
                 backend_config=normalised,
                 exclusive_output=True,
                 created=ctx.created_note,
+                files=file_ids(normalised),
+                openai=openai,
             )
         except OutputDirInUse as busy:
             raise _output_conflict(busy, normalised.get("output_dir")) from None
+        except FileGone as gone:
+            raise InvalidRequestError(
+                f"The uploaded file {gone.file_id} was deleted while the job was submitted.",
+                param="backend_config.dataset_config.file_id",
+            ) from None
         self.supervisor.wake()
         return rec.id
+
+    def record(self, job_id: str) -> JobRecord:
+        """The stored job (404 when unknown), for the other wire shapes (the OpenAI surface)."""
+        return self._get(job_id)
 
     def _get(self, job_id: str) -> JobRecord:
         rec = self.store.get(job_id)
@@ -170,7 +195,50 @@ class JobService:
             )
         if not self.store.transition(job_id, JobStatus.CANCELLED, message="Cancelled by user."):
             return self.cancel(job_id)  # it moved under us: answer for its new state
-        if rec.status is JobStatus.PENDING:  # no worker to reap: drop a re-queued job's checkpoints
-            self.supervisor.discard_scratch(job_id)
+        if rec.status in (JobStatus.PENDING, JobStatus.PAUSED):  # no worker to reap: drop a
+            self.supervisor.discard_scratch(job_id)  # re-queued or paused job's checkpoints
+        self.supervisor.wake()
+        return to_wire(self._get(job_id))
+
+    def pause(self, job_id: str) -> FineTuningJob:
+        """A pending job is paused at once; a running one checkpoints at its next step boundary
+        and stops (as on a clean shutdown), then it is `paused`. Paused jobs keep their
+        checkpoints, files and output dir; `resume` queues them again."""
+        rec = self._get(job_id)
+        if rec.status is JobStatus.PAUSED or (
+            rec.status is JobStatus.RUNNING and rec.pause_requested
+        ):
+            return to_wire(rec)
+        if rec.status is JobStatus.PENDING:
+            if not self.store.transition(job_id, JobStatus.PAUSED, message="Paused by user."):
+                return self.pause(job_id)
+        elif rec.status is JobStatus.RUNNING:
+            if not self.store.request_pause(job_id):
+                return self.pause(job_id)
+            self.supervisor.wake()
+        else:
+            raise ConflictError(
+                f"Job {job_id} already {rec.status.value}; only pending or running jobs can be "
+                "paused.",
+                param="job_id",
+            )
+        return to_wire(self._get(job_id))
+
+    def resume(self, job_id: str) -> FineTuningJob:
+        """A paused job goes back to the queue; it continues from its checkpoint."""
+        rec = self._get(job_id)
+        if rec.status is not JobStatus.PAUSED:
+            if rec.status in ACTIVE and not rec.pause_requested:
+                return to_wire(rec)  # already queued or running: nothing to resume
+            raise ConflictError(
+                f"Job {job_id} is {rec.status.value}"
+                f"{' (pausing)' if rec.pause_requested and rec.status in ACTIVE else ''}; only a "
+                "paused job can be resumed.",
+                param="job_id",
+            )
+        if not self.store.transition(
+            job_id, JobStatus.PENDING, message="Resumed by user; queued.", progress_json=None
+        ):
+            return self.resume(job_id)
         self.supervisor.wake()
         return to_wire(self._get(job_id))

@@ -3,8 +3,11 @@
 pending ──► running ──► completed
    │          │  └────► failed      (error, crash, timeout)
    │          ├───────► cancelled
-   │          └───────► pending     (re-queued once after a server restart)
+   │          ├───────► pending     (re-queued once after a server restart)
+   │          └───────► paused      (paused by the user: checkpoint saved at a step boundary)
    ├──► cancelled
+   ├──► paused ──► pending          (resumed: runs again from its checkpoint)
+   │      └──────► cancelled
    └──► failed                      (could never run, e.g. its model vanished)
 """
 
@@ -19,6 +22,7 @@ class JobStatus(str, Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"
 
 
 TERMINAL: frozenset[JobStatus] = frozenset(
@@ -26,14 +30,27 @@ TERMINAL: frozenset[JobStatus] = frozenset(
 )
 
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.PENDING: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED}),
-    JobStatus.RUNNING: frozenset(
-        {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PENDING}
+    JobStatus.PENDING: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.PAUSED}
     ),
+    JobStatus.RUNNING: frozenset(
+        {
+            JobStatus.COMPLETED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.PENDING,
+            JobStatus.PAUSED,
+        }
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.PENDING, JobStatus.CANCELLED}),
     JobStatus.COMPLETED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
 }
+
+
+# Jobs that will still run (or run again): they hold their output dir, model and files.
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.PENDING, JobStatus.RUNNING, JobStatus.PAUSED})
 
 
 def sources_of(target: JobStatus) -> list[JobStatus]:

@@ -13,8 +13,10 @@ deadline, so a job submitted to an idle server starts in milliseconds. Each pass
 Stopping the server cleanly (`stop`) is not a crash: each running job is marked `clean_stop`, its
 worker is asked (SIGTERM) to save a checkpoint at the next step boundary and exit, and the job goes
 back to `pending` without using up its crash re-queue (`max_restarts` counts only crashes: a
-server found dead, a lost node). Once an hour, and at start, the files of jobs that ended more than
-`log_retention_s` ago (`_jobs/<id>/`, their worker log) are deleted.
+server found dead, a lost node). A pause (`JobStore.request_pause`) is the same stop for one job,
+with the same grace, but the job then goes to `paused` and waits for a resume. Once an hour, and
+at start, the files of jobs that ended more than `log_retention_s` ago (`_jobs/<id>/`, their
+worker log) are deleted.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 1.0
 SWEEP_EVERY_S = 3600.0
-# What a job's scratch holds besides its worker log: checkpoints, the datasets cache, temp files.
-SCRATCH_PARTS = ("trainer", "datasets", "tmp")
+# What a job's scratch holds besides its worker log: checkpoints, the datasets cache, temp files,
+# epoch checkpoints (copied into the adapter when it is saved).
+SCRATCH_PARTS = ("trainer", "datasets", "tmp", "epochs")
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Running:
     handle: WorkerHandle
     deadline: float
     timeout: float
-    stop_reason: str | None = None  # "cancel" | "timeout" | "shutdown"
+    stop_reason: str | None = None  # "cancel" | "timeout" | "shutdown" | "pause"
     term_sent_at: float | None = None
     kill_sent: bool = False
     extra: dict = field(default_factory=dict)
@@ -171,7 +174,7 @@ class Supervisor:
             for run in self._running.values():
                 waits.append(run.deadline - now)
                 if run.term_sent_at is not None:
-                    waits.append(run.term_sent_at + self.kill_grace_s - now)
+                    waits.append(run.term_sent_at + self._stop_grace(run) - now)
         return max(0.01, min(waits))
 
     # --- recovery after a restart -------------------------------------------------------
@@ -182,7 +185,16 @@ class Supervisor:
         for rec in self.store.with_status(JobStatus.RUNNING):
             if kill_stale_worker(rec.worker_pid, rec.id):
                 log.warning("killed leftover worker %s of %s", rec.worker_pid, rec.id)
-            if rec.clean_stop:
+            if rec.pause_requested:
+                self.store.transition(
+                    rec.id,
+                    JobStatus.PAUSED,
+                    message="Paused (the server stopped while the pause was under way); resume "
+                    "it to run again from its last checkpoint.",
+                    worker_pid=None,
+                    progress_json=None,
+                )
+            elif rec.clean_stop:
                 self.store.transition(
                     rec.id,
                     JobStatus.PENDING,
@@ -280,6 +292,16 @@ class Supervisor:
         step = (rec.progress or {}).get("step")
         at = f" at step {step}" if step else ""
         reported = rc != EXIT_STOPPED and rec.error_message and rec.error_kind in WORKER_REPORTED
+        if run.stop_reason == "pause" and not reported:
+            saved = "saved a checkpoint" if rc == EXIT_STOPPED else "was stopped"
+            self.store.transition(
+                rec.id,
+                JobStatus.PAUSED,
+                message=f"Paused{at}: the worker {saved}; resume the job to continue from its "
+                "last checkpoint.",
+                worker_pid=None,
+            )
+            return
         if run.stop_reason == "shutdown" and not reported:  # the shutdown stopped it; a real
             # failure the worker reported during the grace period (diverged, bad data) stands
             self.store.transition(
@@ -346,11 +368,14 @@ class Supervisor:
         now = time.monotonic()
         ids = list(self._running)
         statuses = self.store.statuses(ids)
+        pauses = self.store.pause_requests(ids)
         for job_id in ids:
             run = self._running[job_id]
             if run.stop_reason is None:
                 if statuses.get(job_id) is JobStatus.CANCELLED:
                     run.stop_reason = "cancel"
+                elif job_id in pauses:
+                    run.stop_reason = "pause"
                 elif now >= run.deadline:
                     run.stop_reason = "timeout"
                     self.store.transition(
@@ -364,9 +389,14 @@ class Supervisor:
             if run.term_sent_at is None:
                 run.handle.terminate()
                 run.term_sent_at = now
-            elif not run.kill_sent and now - run.term_sent_at >= self.kill_grace_s:
+            elif not run.kill_sent and now - run.term_sent_at >= self._stop_grace(run):
                 run.handle.kill()
                 run.kill_sent = True
+
+    def _stop_grace(self, run: Running) -> float:
+        """A paused worker gets the shutdown's grace to reach a step boundary and checkpoint; a
+        cancelled or timed-out one only `kill_grace_s` (nothing of it is kept)."""
+        return self.shutdown_grace_s if run.stop_reason == "pause" else self.kill_grace_s
 
     def _schedule(self) -> None:
         # Every job needs at least one CPU: with none free nothing can start, so the queue is not

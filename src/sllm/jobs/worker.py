@@ -219,7 +219,9 @@ def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
     except StopRequested as exc:
         graceful_stop.phase = "finishing"
         reporter.flush()
-        reporter.event("info", f"{exc} The job is re-queued by the server.", {"stopped": True})
+        reporter.event(
+            "info", f"{exc} The server re-queues the job (or pauses it).", {"stopped": True}
+        )
         print(f"sllm worker: {exc}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the record

@@ -68,7 +68,7 @@ def resolve_model(storage: Path, model: str, backend: str = "transformers") -> t
     return name, target
 
 
-RESERVED_COMPONENTS = ("_jobs", "_serve")  # the store's job and instance scratch
+RESERVED_COMPONENTS = ("_jobs", "_serve", "_files")  # job/instance scratch, uploaded files
 
 
 def own_name_problem(part: str) -> str | None:
@@ -81,7 +81,10 @@ def own_name_problem(part: str) -> str | None:
     still reported them saved. The one rule for job output dirs, stored models and deployments.
     """
     if part in RESERVED_COMPONENTS:
-        return f"{part!r} is the name of the store's own directory for job and instance scratch"
+        return (
+            f"{part!r} is the name of the store's own directory for job and instance scratch or "
+            "uploaded files"
+        )
     if part.startswith("."):
         return (
             f"the path component {part!r} starts with '.', which the store keeps for itself (its "

@@ -126,3 +126,25 @@ async def job_events(
 def cancel_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
     """Cancel a pending or running job; its worker is killed and its resources freed."""
     return _jobs(request).cancel(fine_tuning_job_id)
+
+
+@_route(
+    "POST",
+    "/jobs/{fine_tuning_job_id}/pause",
+    response_model=FineTuningJob,
+    responses=error_responses(404, 409),
+)
+def pause_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
+    """Pause a job: a running one checkpoints at its next step boundary, then it is `paused`."""
+    return _jobs(request).pause(fine_tuning_job_id)
+
+
+@_route(
+    "POST",
+    "/jobs/{fine_tuning_job_id}/resume",
+    response_model=FineTuningJob,
+    responses=error_responses(404, 409),
+)
+def resume_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
+    """Queue a paused job again; it continues from its checkpoint."""
+    return _jobs(request).resume(fine_tuning_job_id)

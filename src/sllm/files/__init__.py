@@ -1,0 +1,1 @@
+"""Uploaded files (the Files API): streamed to disk, checked, recorded; jobs train on them."""
