@@ -111,6 +111,8 @@ def test_bad_names_are_404_and_deploy_nothing(ft):
     error(chat(server, f"ft:{OPT}:sllm:{job_id}"), 404, "is cancelled", "completed")
     error(server.client.delete(f"/v1/models/{OPT}"), 400, "sllm-store delete")
     error(server.client.delete("/v1/models/nothing"), 404, "does not exist")
+    reserved = {"model": OPT, "enable_lora": True, "lora_adapters": {"ft:x": "ft/a"}}
+    error(server.client.post("/v1/deployments", json=reserved), 400, "fine-tuned models")
     assert server.client.get("/v1/deployments").json()["data"] == []
 
 
@@ -138,6 +140,9 @@ def test_models_lists_fine_tuned_models_with_parent(ft):
     for name in ft.names.values():
         assert cards[name]["parent"] == OPT and cards[name]["object"] == "model"
     assert {c for c in cards if c.startswith("ft:")} == set(ft.names.values())  # not cancelled
+    one = ft.server.client.get(f"/v1/models/{ft.names['b']}")
+    assert one.status_code == 200 and one.json() == cards[ft.names["b"]]
+    error(ft.server.client.get("/v1/models/nothing"), 404, "does not exist")
 
 
 def test_a_checkpoint_name_serves_its_files(ft):

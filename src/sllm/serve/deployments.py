@@ -43,6 +43,7 @@ from sllm.serve.adapters import (
 from sllm.serve.client import GenerationStream, control
 from sllm.serve.errors import InstanceError
 from sllm.serve.fields import ADAPTER_NAME_RE
+from sllm.serve.finetuned import PREFIX as FT_PREFIX
 from sllm.serve.finetuned import FineTunedModels, OnDemandAdapter, parse_fine_tuned_model
 from sllm.serve.protocol import (
     DeleteResponse,
@@ -253,6 +254,13 @@ class DeploymentService(Scaler):
             cards += self.finetuned.cards()
         return ModelList(data=cards)
 
+    def get_model(self, name: str) -> ModelCard:
+        """One entry of `list_models` (OpenAI's retrieve)."""
+        for card in self.list_models().data:
+            if card.id == name:
+                return card
+        raise NotFoundError(f"The model {name!r} does not exist.", param="model")
+
     def resolve(self, model: str, adapter: str | None) -> Route:
         """Where a request goes; `model` may name an adapter (as in vLLM) or a fine-tuned
         model, which needs no deploy (`lora_adapter_name` may name one too)."""
@@ -446,6 +454,12 @@ def _check_adapter_name(name: str, model: str) -> None:
         raise InvalidRequestError(
             f"Adapter name {name!r} is not allowed: use letters, digits, '.', '_', ':' or '-' "
             "(not the model's own name).",
+            param="lora_adapters",
+        )
+    if name.startswith(FT_PREFIX):
+        raise InvalidRequestError(
+            f"Adapter name {name!r} is not allowed: names starting with {FT_PREFIX!r} are "
+            "fine-tuned models, served without a deploy.",
             param="lora_adapters",
         )
 

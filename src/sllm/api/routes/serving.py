@@ -4,6 +4,7 @@ POST   /v1/chat/completions               chat (messages); `stream: true` for SS
 POST   /v1/completions                    text completion (prompt); `stream: true` for SSE
 GET    /v1/models                         deployed models, their adapters, and fine-tuned
                                           models of completed jobs (adapters have `parent`)
+GET    /v1/models/{name}                  one of them
 DELETE /v1/models/{name}                  a fine-tuned model (its adapter leaves the store)
 POST   /v1/deployments                    deploy a model, or add/replace its adapters
 GET    /v1/deployments                    every deployment: adapters, instances, state
@@ -29,6 +30,7 @@ from sllm.serve.protocol import (
     DeploymentList,
     DeploymentStatus,
     DeployRequest,
+    ModelCard,
     ModelDeleted,
     ModelList,
 )
@@ -75,6 +77,12 @@ async def completions(body: CompletionRequest, request: Request):
 def list_models(request: Request) -> ModelList:
     """Deployed models, their adapters and fine-tuned models (`parent`: the base model)."""
     return _deployments(request).list_models()
+
+
+@router.get("/v1/models/{name:path}", response_model=ModelCard, responses=error_responses(404))
+def get_model(name: str, request: Request) -> ModelCard:
+    """One model of the list (a deployed model, an adapter, or a fine-tuned model)."""
+    return _deployments(request).get_model(name)
 
 
 @router.delete(
