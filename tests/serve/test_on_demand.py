@@ -140,6 +140,13 @@ def test_models_lists_fine_tuned_models_with_parent(ft):
     for name in ft.names.values():
         assert cards[name]["parent"] == OPT and cards[name]["object"] == "model"
     assert {c for c in cards if c.startswith("ft:")} == set(ft.names.values())  # not cancelled
+    from openai import OpenAI
+
+    sdk = OpenAI(base_url=f"{ft.server.url}/v1", api_key="unused")
+    assert {m.id: m.parent for m in sdk.models.list().data}[ft.names["c"]] == OPT
+    messages = [{"role": "user", "content": PROMPT}]
+    answer = sdk.chat.completions.create(model=ft.names["c"], messages=messages, max_tokens=4)
+    assert answer.model == ft.names["c"] and answer.usage.completion_tokens >= 1
     one = ft.server.client.get(f"/v1/models/{ft.names['b']}")
     assert one.status_code == 200 and one.json() == cards[ft.names["b"]]
     error(ft.server.client.get("/v1/models/nothing"), 404, "does not exist")
