@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=None, help="finetune: CPU threads (the job's num_cpus)"
     )
     parser.add_argument(
-        "--workdir", type=Path, default=None, help="finetune, host: reuse model+data"
+        "--workdir", type=Path, default=None, help="finetune, host, adapters: reuse model+data"
     )
     parser.add_argument("--name", default=None, help="finetune: result file name")
     args = parser.parse_args(argv)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         elif what == "adapters":
             from bench import adapters
 
-            adapters.run(quick=args.quick, out_dir=args.out, adapters=args.adapters)
+            adapters.run(args.quick, args.out, adapters=args.adapters, workdir=args.workdir)
         elif what == "load":
             from bench import load
 

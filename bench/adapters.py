@@ -2,15 +2,17 @@
 
     python -m bench adapters            # 100 real jobs on a tiny llama, then three loads
     python -m bench adapters --quick    # 20 jobs, fewer requests (a smoke run)
+    python -m bench adapters --workdir DIR   # keep the store: a second run skips the training
 
 1. stores a random 4-layer llama and runs one real fine-tuning job per adapter through the API
    (each a few optimizer steps on its own fixed answer), so every adapter is a completed job's
    fine-tuned model `ft:<base>:sllm:<job id>`;
 2. deploys the base once (`max_batch_size` 16, target 16 in flight, one instance) and runs the
-   same closed-loop load three times, greedy, client i's k-th request on:
+   same closed-loop load three ways (interleaved, 2 rounds, medians), greedy, 16 clients:
    - one adapter: every request names the same fine-tuned model;
-   - N adapters, `max_loras` 8 (the default): requests spread round-robin over all N models, so
-     nearly every request misses the LRU and its adapter is loaded on demand;
+   - N adapters, `max_loras` 8 (the default): round k's 16 requests name models 16k..16k+15
+     (mod N), so an adapter comes back only after N requests: every request misses the LRU
+     and its adapter is loaded on demand (the worst case);
    - N adapters, `max_loras` N: the same spread after one warm-up pass, all cached;
 3. prints tokens/s, requests/s, p50/p99 latency and the on-demand loads (LRU misses) side by
    side, and writes bench/results/adapters.{json,md}.
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -70,8 +73,8 @@ async def _load(url: str, models: list[str], clients: int, per_client: int, toke
         async def worker(i: int) -> list[tuple[float, int]]:
             out = []
             for k in range(per_client):
-                body = {
-                    "model": models[(i * per_client + k) % len(models)],
+                body = {  # round k: clients ask models k*clients .. k*clients+clients-1
+                    "model": models[(k * clients + i) % len(models)],
                     "messages": [{"role": "user", "content": PROMPTS[(i + k) % len(PROMPTS)]}],
                     "max_tokens": tokens,
                     "temperature": 0,
@@ -129,25 +132,44 @@ def phase(server, models: list[str], max_loras: int, args: dict, warm: bool) -> 
     return result
 
 
-def run(quick: bool = False, out_dir: Path = RESULTS, adapters: int | None = None) -> dict:
-    from serve_helpers import ServerProcess
-
-    from sllm.store import save_model
+def _store(workdir: Path, count: int) -> tuple[Path, list[str] | None]:
+    """The storage path, and the models of an earlier run there (None: train them)."""
+    from sllm.store import has_model, save_model
     from sllm.testing import make_tiny_model_dir
+
+    storage = workdir / "store"
+    if not has_model(storage, MODEL):
+        src = make_tiny_model_dir(workdir / "src", hidden_size=256, num_layers=4)
+        save_model(MODEL, storage, local_model_path=src)
+    saved = workdir / "models.json"
+    models = json.loads(saved.read_text()) if saved.is_file() else []
+    return storage, models[:count] if len(models) >= count else None
+
+
+def run(
+    quick: bool = False,
+    out_dir: Path = RESULTS,
+    adapters: int | None = None,
+    workdir: Path | None = None,
+    rounds: int = 2,
+) -> dict:
+    """`workdir` keeps the store and its completed jobs, so a second run skips the training."""
+    from serve_helpers import ServerProcess
 
     count = adapters or (20 if quick else 100)
     args = {"clients": 16, "per_client": 10 if quick else 25, "tokens": 16, "cpus": 1}
     with tempfile.TemporaryDirectory(prefix="sllm-bench-adapters-") as tmp:
-        storage = Path(tmp)
-        src = make_tiny_model_dir(storage / "src", hidden_size=256, num_layers=4)
-        save_model(MODEL, storage, local_model_path=src)
+        work = Path(workdir or tmp)
+        storage, models = _store(work, count)
         server = ServerProcess(storage, "--num-cpus", "2").start()
         try:
-            print(f"training {count} adapters as real jobs ...", flush=True)
-            t0 = time.perf_counter()
-            models = prepare(storage, server, count)
-            prep_s = time.perf_counter() - t0
-            print("load: one adapter", flush=True)
+            prep_s = None
+            if models is None:
+                print(f"training {count} adapters as real jobs ...", flush=True)
+                t0 = time.perf_counter()
+                models = prepare(storage, server, count)
+                prep_s = round(time.perf_counter() - t0, 1)
+                (work / "models.json").write_text(json.dumps(models))
             _deploy(server, 8, args["cpus"])
             t0 = time.perf_counter()
             r = server.client.post(
@@ -155,21 +177,23 @@ def run(quick: bool = False, out_dir: Path = RESULTS, adapters: int | None = Non
             )
             r.raise_for_status()  # the first request cold-starts the base with the adapter
             cold_s = time.perf_counter() - t0
-            one = phase(server, models[:1], 8, args, warm=True)
-            print(f"load: {count} adapters, max_loras 8", flush=True)
-            spread = phase(server, models, 8, args, warm=False)
-            print(f"load: {count} adapters, max_loras {count}", flush=True)
-            cached = phase(server, models, count, args, warm=True)
+            runs: dict[str, list[dict]] = {"one_adapter": [], "spread_lru": [], "spread_cached": []}
+            for n in range(rounds):  # interleaved, so a change in the machine's load hits all
+                print(f"round {n + 1}/{rounds}: one adapter; {count} adapters with max_loras "
+                      f"8, then {count}", flush=True)  # fmt: skip
+                runs["one_adapter"].append(phase(server, models[:1], 8, args, warm=True))
+                runs["spread_lru"].append(phase(server, models, 8, args, warm=False))
+                runs["spread_cached"].append(phase(server, models, count, args, warm=True))
         finally:
             server.stop()
     data = {
         "model": MODEL,
         "config": {**args, "adapters": count, "temperature": 0, "max_batch_size": 16},
-        "prepare_seconds": round(prep_s, 1),
+        "rounds": rounds,
+        "prepare_seconds": prep_s,
         "cold_start_first_request_seconds": round(cold_s, 3),
-        "one_adapter": one,
-        "spread_lru": spread,
-        "spread_cached": cached,
+        **{key: _median_run(r) for key, r in runs.items()},
+        "runs": runs,
         "machine": machine(),
     }
     table = _table(data)
@@ -177,6 +201,11 @@ def run(quick: bool = False, out_dir: Path = RESULTS, adapters: int | None = Non
     print(table)
     print(f"first request (cold start of the base with its adapter): {cold_s:.2f}s")
     return data
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Each number's median over the rounds."""
+    return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
 def _table(data: dict[str, Any]) -> str:
@@ -205,5 +234,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--adapters", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
     ns = parser.parse_args()
-    run(quick=ns.quick, adapters=ns.adapters)
+    run(quick=ns.quick, adapters=ns.adapters, workdir=ns.workdir)
