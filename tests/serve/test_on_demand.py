@@ -205,3 +205,17 @@ def test_delete_removes_the_model_and_nothing_else(ft):
     assert text(complete(server.client, ft.names["c"])) == ft.solo["c"]
     job = server.client.get(f"/v1/fine_tuning/jobs/{ft.ids['a']}").json()
     assert job["status"]["status"] == "completed"
+
+
+def test_an_output_dir_rewritten_by_another_job_is_not_served_under_the_old_name(ft):
+    """What a later job with the same output_dir leaves: its own id in training_metadata.json."""
+    import json
+
+    meta = ft.storage / "transformers" / "ft" / "c" / "training_metadata.json"
+    original = meta.read_text()
+    meta.write_text(json.dumps({**json.loads(original), "job_id": "job-later"}))
+    try:
+        error(chat(ft.server, ft.names["c"]), 404, "job job-later wrote its own adapter")
+    finally:
+        meta.write_text(original)
+    assert text(complete(ft.server.client, ft.names["c"])) == ft.solo["c"]

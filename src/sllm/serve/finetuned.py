@@ -16,6 +16,7 @@ missing checkpoint or a deleted adapter are each a 404 that says which.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import uuid
@@ -131,6 +132,13 @@ class FineTunedModels:
                 "store.",
                 param="model",
             )
+        owner = _written_by(path)
+        if owner not in (None, rec.id):
+            raise NotFoundError(
+                f"The model {name!r} is gone: job {owner} wrote its own adapter to the same "
+                "output_dir since.",
+                param="model",
+            )
         return path
 
     def _checkpoint(self, name: str, adapter_dir: Path, step: int) -> Path:
@@ -189,6 +197,16 @@ class FineTunedModels:
         adapter.path.rename(aside)
         shutil.rmtree(aside, ignore_errors=True)
         self._checked.pop(str(adapter.path), None)
+
+
+def _written_by(adapter_dir: Path) -> str | None:
+    """The job id in the adapter's training_metadata.json (None: not recorded)."""
+    try:
+        meta = json.loads((adapter_dir / "training_metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    job_id = meta.get("job_id") if isinstance(meta, dict) else None
+    return str(job_id) if job_id else None
 
 
 def _ckpt_part(ft: FineTunedName) -> str:
