@@ -12,8 +12,9 @@ from sllm.jobs.launcher import LocalLauncher
 from sllm.jobs.resources import ResourcePool
 from sllm.jobs.service import JobService
 from sllm.jobs.supervisor import Supervisor
-from sllm.paths import db_path, jobs_dir
+from sllm.paths import backend_root, db_path, jobs_dir
 from sllm.serve.deployments import DeploymentService
+from sllm.serve.finetuned import FineTunedModels
 from sllm.serve.registry import DeploymentRegistry
 
 
@@ -58,7 +59,10 @@ class Services:
         jobs = JobService(settings, store, pool, supervisor, files=files)
         registry = DeploymentRegistry(db_path(storage))
         options = {"process_factory": cluster.instances} if cluster else {}
-        deployments = DeploymentService(storage, pool, supervisor.wake, registry, **options)
+        finetuned = FineTunedModels(store, backend_root(storage))
+        deployments = DeploymentService(
+            storage, pool, supervisor.wake, registry, finetuned, **options
+        )
         return cls(
             settings,
             store,

@@ -258,3 +258,25 @@ def test_a_row_that_turns_non_finite_mid_decode_leaves_alone(tiny, engine):
     assert late.text  # it had produced text before its weights went bad
     assert base.done["finish_reason"] == "length" and base.text == base_alone
     assert other.done["finish_reason"] == "length" and other.text == a_alone
+
+
+def test_on_demand_lru_never_evicts_an_adapter_a_request_holds(tiny, engine):
+    """max_loras 1 over two on-demand adapters: the held one stays (the cap is exceeded for a
+    moment) and answers as it would alone; once released, the cap holds again. Explicit
+    adapters (a, b) are pinned and do not count."""
+    engine.set_max_loras(1)
+    prompt = encode_prompt(engine.tokenizer, PROMPTS[1])
+    alone = run(engine, PROMPTS[1], "b", greedy(30)).text  # b's files, loaded explicitly
+    held, loaded = engine.acquire_on_demand("od:b", str(tiny["b"]), "1")
+    assert loaded and engine.on_demand_names() == ["od:b"]
+    other, loaded = engine.acquire_on_demand("od:c", str(tiny["c"]), "1")
+    assert loaded and engine.on_demand_names() == ["od:b", "od:c"]  # b is held: not evicted
+    running = Collector()
+    engine.submit(prompt, greedy(30), running, "od:b", version=held)
+    engine.adapters.release(other)
+    assert running.wait().text == alone
+    time.sleep(0.2)
+    _, loaded = engine.acquire_on_demand("od:c", str(tiny["c"]), "1")
+    assert not loaded  # still cached
+    assert engine.on_demand_names() == ["od:c"]  # b was evicted once its request ended
+    assert set(engine.adapters.names()) == {"a", "b", "od:c"}

@@ -34,6 +34,7 @@ def test_serverlessllm_shaped_config_file(tmp_path):
                     "torch_dtype": "float32",
                     "enable_lora": True,
                     "lora_adapters": {"a": "ft_facebook/opt-125m_adapter"},
+                    "max_loras": 16,
                 },
             }
         )
@@ -48,6 +49,7 @@ def test_serverlessllm_shaped_config_file(tmp_path):
         "dtype": "float32",
         "enable_lora": True,
         "lora_adapters": {"a": "ft_facebook/opt-125m_adapter"},
+        "max_loras": 16,
     }
 
 

@@ -20,11 +20,13 @@ from typing import Any
 from sllm.cli.client import add_server_args, call_server, finite_float, server_url
 
 _SCALING_KEYS = {"min_instances", "max_instances", "keep_alive"}
-_BACKEND_KEYS = {"enable_lora", "lora_adapters", "max_batch_size", "dtype", "torch_dtype"}
+_BACKEND_KEYS = {
+    "enable_lora", "lora_adapters", "max_batch_size", "dtype", "torch_dtype", "max_loras",
+}  # fmt: skip
 _FLAT_KEYS = {
     "model", "backend", "num_cpus", "num_gpus", "min_instances", "max_instances", "keep_alive",
     "target_concurrency", "max_batch_size", "max_queue", "queue_timeout", "dtype", "enable_lora",
-    "lora_adapters",
+    "lora_adapters", "max_loras",
 }  # fmt: skip
 
 
@@ -83,6 +85,9 @@ def add_parser(sub) -> None:
     p.add_argument("--enable-lora", action="store_true", default=None, help="Serve adapters.")
     p.add_argument(
         "--lora-adapters", action="append", help='"name=PATH name2=PATH" (under the store).'
+    )
+    p.add_argument(
+        "--max-loras", type=int, help="On-demand adapters each instance keeps, LRU (default 8)."
     )
     p.add_argument("--config", help="JSON deployment config; flags override it.")
     add_server_args(p)

@@ -6,6 +6,12 @@ swaps the mapping in one step, so a request that starts after the swap never see
 weights and one already admitted keeps the version it started with. A retired version is
 deleted from the model once no admitted request holds it.
 
+Adapters loaded on demand (fine-tuned models named in a request, see `sllm.serve.finetuned`) are
+kept in an LRU of `max_loras` per instance: loading one more evicts (retires) the least recently
+used one that no admitted request holds. One held by a request is pinned until the request ends,
+so when all are held the cap is exceeded for a moment and trimmed as soon as one is free.
+Adapters loaded explicitly (deployments' `lora_adapters`) are pinned and do not count.
+
 peft cannot delete a model's last adapter (its forward then fails), so when that happens the
 version stays loaded, unnamed, until another adapter arrives.
 """
@@ -33,6 +39,8 @@ class AdapterVersion:
     load_seconds: float
     refs: int = 0
     retired: bool = False
+    on_demand: bool = False
+    last_used: float = 0.0
 
 
 class AdapterSet:
@@ -61,6 +69,7 @@ class AdapterSet:
                     "fingerprint": v.fingerprint,
                     "internal": v.internal,
                     "load_seconds": round(v.load_seconds, 4),
+                    "on_demand": v.on_demand,
                 }
                 for n, v in self._current.items()
             }
@@ -76,6 +85,7 @@ class AdapterSet:
                     param="lora_adapter_name",
                 )
             version.refs += 1
+            version.last_used = time.monotonic()
             return version
 
     def release(self, version: AdapterVersion) -> None:
@@ -99,6 +109,27 @@ class AdapterSet:
             version.retired = True
             self._retired.append(version)
             return version
+
+    def evict_lru(self, limit: int) -> list[AdapterVersion]:
+        """Retire the least recently used on-demand versions no request holds, until at most
+        `limit` on-demand ones stay current (fewer evicted when the rest are held)."""
+        with self._lock:
+            on_demand = [v for v in self._current.values() if v.on_demand]
+            excess = len(on_demand) - max(0, limit)
+            if excess <= 0:
+                return []
+            free = sorted((v for v in on_demand if v.refs <= 0), key=lambda v: v.last_used)
+            victims = free[:excess]
+            for v in victims:
+                del self._current[v.name]
+                v.retired = True
+                self._retired.append(v)
+            return victims
+
+    def on_demand_names(self) -> list[str]:
+        with self._lock:
+            versions = [v for v in self._current.values() if v.on_demand]
+            return [v.name for v in sorted(versions, key=lambda v: v.last_used)]
 
     def collectable(self, loaded: int) -> list[AdapterVersion]:
         """Retired versions nobody holds, leaving at least one adapter in a model of `loaded`."""

@@ -1,7 +1,8 @@
 """OpenAI chat and text completions on top of `DeploymentService` (no FastAPI here).
 
 The adapter comes from `lora_adapter_name`, or from `model` when it names an adapter (as vLLM
-does); neither means the base model. Chat templating happens inside the instance (it owns the
+does) or a fine-tuned model (served on demand, see `sllm.serve.finetuned`); neither means the
+base model. Chat templating happens inside the instance (it owns the
 tokenizer; see `sllm.serve.prompts` for the fallback used by models without a template).
 
 Streaming returns an async iterator of server-sent-event lines; it is returned only after the
@@ -69,8 +70,8 @@ class CompletionService:
         self.deployments = deployments
 
     async def _open(self, req: SamplingFields, payload: dict) -> GenerationStream:
-        model, adapter = self.deployments.resolve(req.model, req.lora_adapter_name)
-        return await self.deployments.open(model, adapter, payload)
+        route = self.deployments.resolve(req.model, req.lora_adapter_name)
+        return await self.deployments.open(route.model, route.adapter, payload, route.on_demand)
 
     async def _collect(self, stream: GenerationStream) -> tuple[str, dict]:
         text = []

@@ -12,6 +12,11 @@ another instance starts (up to `max_instances`), else the request waits in a bou
 fine-tuning jobs use; when the pool cannot hold one and none runs, the request gets a 503 with
 Retry-After. The reaper stops instances idle for `keep_alive` seconds (keeping `min_instances`),
 frees their share and wakes the job supervisor. Instance lifecycle lives in `scaling.py`.
+
+Fine-tuned models (`ft:<base>:<suffix>:<job id>`, see `finetuned.py`) need no deploy: a request
+naming one goes to the deployment of its base model (the explicit one when there is one, else
+one made on the spot with the defaults, `on_demand`, not saved), and carries the adapter's path
+so that the instance loads it on demand into its LRU of `max_loras` adapters.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import ValidationError
 
-from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
+from sllm.errors import ConflictError, InvalidRequestError, NotFoundError, SllmError
 from sllm.jobs.resources import ResourcePool, require_fit
 from sllm.serve.adapters import (
     adapter_fingerprint,
@@ -34,9 +40,11 @@ from sllm.serve.adapters import (
     check_fits_base,
     resolve_adapter_path,
 )
-from sllm.serve.client import GenerationStream
+from sllm.serve.client import GenerationStream, control
 from sllm.serve.errors import InstanceError
 from sllm.serve.fields import ADAPTER_NAME_RE
+from sllm.serve.finetuned import PREFIX as FT_PREFIX
+from sllm.serve.finetuned import FineTunedModels, OnDemandAdapter, parse_fine_tuned_model
 from sllm.serve.protocol import (
     DeleteResponse,
     DeploymentConfig,
@@ -44,11 +52,21 @@ from sllm.serve.protocol import (
     DeploymentStatus,
     DeployRequest,
     ModelCard,
+    ModelDeleted,
     ModelList,
 )
 from sllm.serve.registry import DeploymentRegistry
 from sllm.serve.scaling import Scaler
 from sllm.serve.state import Deployment, Instance
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request goes: a deployment, and the adapter's name inside its instances."""
+
+    model: str
+    adapter: str | None = None
+    on_demand: OnDemandAdapter | None = None  # a fine-tuned model the instance loads itself
 
 
 class DeploymentService(Scaler):
@@ -60,10 +78,12 @@ class DeploymentService(Scaler):
         pool: ResourcePool,
         wake=lambda: None,
         registry: DeploymentRegistry | None = None,
+        finetuned: FineTunedModels | None = None,
         **options: Any,
     ) -> None:
         super().__init__(storage, pool, wake, **options)
         self._registry = registry
+        self.finetuned = finetuned
         self._control = threading.Lock()
         self._aclient: httpx.AsyncClient | None = None
 
@@ -92,6 +112,7 @@ class DeploymentService(Scaler):
                     dep = Deployment(config, time.time(), {})
                     self._deps[config.model] = dep
                 dep.config = config
+                dep.on_demand = False
                 dep.fingerprints.update(fingerprints)
                 for name in added:
                     dep.adapter_errors.pop(name, None)
@@ -229,10 +250,67 @@ class DeploymentService(Scaler):
                 cards.append(ModelCard(id=m, created=int(dep.created), root=m))
                 for name, path in dep.config.lora_adapters.items():
                     cards.append(ModelCard(id=name, created=int(dep.created), root=path, parent=m))
+        if self.finetuned is not None:
+            cards += self.finetuned.cards()
         return ModelList(data=cards)
 
-    def resolve(self, model: str, adapter: str | None) -> tuple[str, str | None]:
-        """(deployment, adapter) for a request; `model` may name an adapter, as in vLLM."""
+    def get_model(self, name: str) -> ModelCard:
+        """One entry of `list_models` (OpenAI's retrieve)."""
+        for card in self.list_models().data:
+            if card.id == name:
+                return card
+        raise NotFoundError(f"The model {name!r} does not exist.", param="model")
+
+    def resolve(self, model: str, adapter: str | None) -> Route:
+        """Where a request goes; `model` may name an adapter (as in vLLM) or a fine-tuned
+        model, which needs no deploy (`lora_adapter_name` may name one too)."""
+        with self._lock:
+            deployed = model in self._deps
+        if not deployed and parse_fine_tuned_model(model) is not None:
+            if adapter not in (None, model):
+                raise InvalidRequestError(
+                    f"`model` names the fine-tuned model {model!r} but `lora_adapter_name` asks "
+                    f"for {adapter!r}.",
+                    param="lora_adapter_name",
+                )
+            return self._on_demand(model)
+        if parse_fine_tuned_model(adapter) is not None:
+            route = self._on_demand(adapter)
+            if route.model != model:
+                raise InvalidRequestError(
+                    f"`lora_adapter_name` {adapter!r} is a fine-tuned model of "
+                    f"{route.model!r}, not of {model!r}.",
+                    param="lora_adapter_name",
+                )
+            return route
+        return Route(*self._resolve_deployed(model, adapter))
+
+    def _on_demand(self, name: str) -> Route:
+        if self.finetuned is None:
+            raise NotFoundError(f"The model {name!r} is not deployed.", param="model")
+        adapter = self.finetuned.resolve(name)
+        return Route(self._deployment_for(adapter.base).config.model, adapter.key, adapter)
+
+    def _deployment_for(self, base: str) -> Deployment:
+        """The base model's deployment; made (on demand, with the defaults) when it has none."""
+        from sllm.store import has_model
+
+        with self._lock:
+            dep = self._deps.get(base)
+            if dep is not None:
+                return dep
+        if not has_model(self.storage, base):
+            raise NotFoundError(
+                f"The base model {base!r} of this fine-tuned model is no longer in the store: "
+                f"save it again (sllm-store save --model {base} --backend transformers).",
+                param="model",
+            )
+        config = DeploymentConfig(model=base, enable_lora=True)
+        require_fit(self.pool, config.num_cpus, config.num_gpus, "An instance")
+        with self._lock:  # another request may have made it meanwhile: use that one
+            return self._deps.setdefault(base, Deployment(config, time.time(), {}, on_demand=True))
+
+    def _resolve_deployed(self, model: str, adapter: str | None) -> tuple[str, str | None]:
         with self._lock:
             if model not in self._deps:
                 owners = [d for d in self._deps.values() if model in d.config.lora_adapters]
@@ -265,18 +343,33 @@ class DeploymentService(Scaler):
             self._aclient = httpx.AsyncClient(limits=limits, timeout=timeout)
         return self._aclient
 
-    async def open(self, model: str, adapter: str | None, payload: dict) -> GenerationStream:
+    async def open(
+        self,
+        model: str,
+        adapter: str | None,
+        payload: dict,
+        on_demand: OnDemandAdapter | None = None,
+    ) -> GenerationStream:
         """Route one generation: its `start` event is read, so errors surface before streaming."""
         with self._lock:
             dep = self._get(model)
         inst = await self.acquire(dep)
         try:
-            if adapter is not None:
-                await self._current_adapter(dep, inst, adapter)
             body = {**payload, "adapter": adapter}
-            return await GenerationStream.open(
+            if on_demand is not None:
+                body["adapter_path"] = str(on_demand.path)
+                body["adapter_fingerprint"] = on_demand.fingerprint
+            elif adapter is not None:
+                await self._current_adapter(dep, inst, adapter)
+            stream = await GenerationStream.open(
                 self._client(), inst.url, body, lambda: self.release(inst), inst.headers
             )
+            lora = stream.start.get("lora")
+            if isinstance(lora, dict):
+                with self._lock:
+                    inst.lora_cache = [str(n) for n in lora.get("cached", [])]
+                    inst.lora_loads += bool(lora.get("loaded"))
+            return stream
         except BaseException:
             self.release(inst)
             raise
@@ -299,12 +392,74 @@ class DeploymentService(Scaler):
         if adapter in errors:
             raise InstanceError(f"Adapter {adapter!r} failed to reload: {errors[adapter]}")
 
+    # --- deleting a fine-tuned model ----------------------------------------------------------
+
+    def delete_model(self, name: str) -> ModelDeleted:
+        """Delete a fine-tuned model: its adapter leaves the store, then every instance. Base
+        models and deployed adapters have their own ways out, named in the 400."""
+        if parse_fine_tuned_model(name) is None or self.finetuned is None:
+            raise self._not_deletable(name)
+        adapter = self.finetuned.resolve(name)
+        self.finetuned.check_unused(adapter)
+        with self._lock:
+            for dep in self._deps.values():
+                for alias, rel in dep.config.lora_adapters.items():
+                    if (self.root / rel).resolve().is_relative_to(adapter.path):
+                        raise ConflictError(
+                            f"The model {name!r} is deployed as the adapter {alias!r} of "
+                            f"{dep.config.model!r}; remove it there first (sllm delete "
+                            f"{dep.config.model} --lora-adapters {alias}).",
+                            param="model",
+                        )
+            instances = [i for d in self._deps.values() for i in d.instances if i.port]
+        self.finetuned.remove(adapter)  # first: no request can load it any more
+        for inst in instances:
+            self._unload_on_demand(inst, adapter.key)
+        return ModelDeleted(id=name)
+
+    def _not_deletable(self, name: str) -> Exception:
+        from sllm.store import has_model
+
+        with self._lock:
+            owners = [d.config.model for d in self._deps.values() if name in d.config.lora_adapters]
+            deployed = name in self._deps
+        if owners:
+            return InvalidRequestError(
+                f"{name!r} is an adapter deployed on {owners[0]!r}; remove it with "
+                f"`sllm delete {owners[0]} --lora-adapters {name}` (its files stay in the store).",
+                param="model",
+            )
+        if deployed or has_model(self.storage, name):
+            return InvalidRequestError(
+                f"{name!r} is a base model; base models are not deleted through the API: "
+                f"`sllm delete {name}` removes its deployment, `sllm-store delete {name}` its "
+                "files.",
+                param="model",
+            )
+        return NotFoundError(f"The model {name!r} does not exist.", param="model")
+
+    def _unload_on_demand(self, inst: Instance, key: str) -> None:
+        """Unload `key` and its checkpoints from one instance (requests holding them finish)."""
+        try:
+            health = control(self._http, "GET", f"{inst.url}/health", headers=inst.headers)
+        except SllmError:
+            return  # gone: nothing loaded there
+        for name in health.get("adapters", {}):
+            if name == key or name.startswith(f"{key}:"):
+                self._unload(inst, name)
+
 
 def _check_adapter_name(name: str, model: str) -> None:
     if not ADAPTER_NAME_RE.match(name) or name == model or name == "__base__":
         raise InvalidRequestError(
             f"Adapter name {name!r} is not allowed: use letters, digits, '.', '_', ':' or '-' "
             "(not the model's own name).",
+            param="lora_adapters",
+        )
+    if name.startswith(FT_PREFIX):
+        raise InvalidRequestError(
+            f"Adapter name {name!r} is not allowed: names starting with {FT_PREFIX!r} are "
+            "fine-tuned models, served without a deploy.",
             param="lora_adapters",
         )
 

@@ -44,6 +44,7 @@ from sllm.serve.decoding import (
     choose_tokens,
     make_generator,
 )
+from sllm.serve.protocol import DEFAULT_MAX_LORAS  # on-demand adapters kept (LRU)
 
 log = logging.getLogger(__name__)
 DEFAULT_CONTEXT = 2048
@@ -62,13 +63,21 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 class Engine:
     def __init__(
-        self, model: Any, tokenizer: Any, *, device: Any = "cpu", max_batch_size: int = 8
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: Any = "cpu",
+        max_batch_size: int = 8,
+        max_loras: int = DEFAULT_MAX_LORAS,
     ) -> None:
         self.base = model.eval()
         self.peft: Any = None
         self.tokenizer = tokenizer
         self.device = device
         self.max_batch_size = max_batch_size
+        self.max_loras = max_loras
+        self._demand_lock = threading.Lock()  # loads and evictions of on-demand adapters
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
         )
@@ -113,8 +122,10 @@ class Engine:
         params: SamplingParams,
         emit: Callable[[dict], None],
         adapter: str | None = None,
+        version: AdapterVersion | None = None,
     ) -> Row:
-        """Queue a request; raises (400/404) before queueing when it cannot run."""
+        """Queue a request; raises (400/404) before queueing when it cannot run. `version` is
+        an adapter already held for it (`acquire_on_demand`); the row releases it when done."""
         if not prompt_ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         if len(prompt_ids) >= self.max_context:
@@ -123,7 +134,8 @@ class Engine:
                 f"{self.max_context} tokens.",
                 param="messages",
             )
-        version = self.adapters.acquire(adapter) if adapter else None
+        if version is None and adapter:
+            version = self.adapters.acquire(adapter)
         row = Row(
             id=uuid.uuid4().hex,
             prompt_ids=list(prompt_ids),
@@ -148,10 +160,14 @@ class Engine:
 
     # --- adapters ----------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict[str, Any]:
-        """Load `path` as `name`, replacing an older version; a no-op if nothing changed."""
+    def load_adapter(
+        self, name: str, path: str, fingerprint: str = "", on_demand: bool = False
+    ) -> dict[str, Any]:
+        """Load `path` as `name`, replacing an older version; a no-op if nothing changed.
+        An explicit load pins the adapter; an on-demand one joins the LRU."""
         current = self.adapters.get(name)
         if current and current.path == path and current.fingerprint == fingerprint:
+            current.on_demand = current.on_demand and on_demand
             return {"name": name, "status": "unchanged", "load_seconds": 0.0}
         check_adapter_dir(path)
         check_shapes(self.base, path)
@@ -159,11 +175,51 @@ class Engine:
         internal = self.adapters.next_internal()
         with self._model_lock:
             _, seconds = timed(self._load_into_model, internal, path)
-        self.adapters.install(AdapterVersion(name, internal, path, fingerprint, seconds))
+        version = AdapterVersion(name, internal, path, fingerprint, seconds, on_demand=on_demand)
+        self.adapters.install(version)
         self._collect()
         status = "replaced" if current else "loaded"
         log.info("adapter %s %s from %s in %.3fs", name, status, path, seconds)
         return {"name": name, "status": status, "load_seconds": seconds}
+
+    def acquire_on_demand(
+        self, name: str, path: str, fingerprint: str
+    ) -> tuple[AdapterVersion, bool]:
+        """The adapter `name` from `path` (and whether this call loaded it), loaded if it is
+        not, evicting the least recently used unheld ones beyond `max_loras`; a reference is
+        held for one request, so no eviction can take it between loading and admission.
+        Blocks while loading (call it off the event loop)."""
+        with self._demand_lock:
+            current = self.adapters.get(name)
+            load = current is None or current.path != path or current.fingerprint != fingerprint
+            if load:
+                if current is None:  # one more: make room (a replaced version keeps its slot)
+                    self.adapters.evict_lru(self.max_loras - 1)
+                on_demand = current is None or current.on_demand
+                self.load_adapter(name, path, fingerprint, on_demand=on_demand)
+            version = self.adapters.acquire(name)
+            self.adapters.evict_lru(self.max_loras)  # what held ones kept over the cap
+        self._collect()
+        return version, load
+
+    def on_demand_names(self) -> list[str]:
+        """Adapters in the LRU, least recently used first."""
+        return self.adapters.on_demand_names()
+
+    def set_max_loras(self, max_loras: int) -> None:
+        with self._demand_lock:
+            self.max_loras = max_loras
+            self.adapters.evict_lru(max_loras)
+        self._collect()
+
+    def _trim_lru(self) -> None:
+        """After a request ends: evict what the cap could not while it was held. Skipped when
+        a load is under way (it trims itself)."""
+        if self._demand_lock.acquire(blocking=False):
+            try:
+                self.adapters.evict_lru(self.max_loras)
+            finally:
+                self._demand_lock.release()
 
     def _load_into_model(self, internal: str, path: str) -> None:
         from peft import PeftModel
@@ -328,6 +384,8 @@ class Engine:
     def _release(self, row: Row) -> None:
         if row.version is not None:
             self.adapters.release(row.version)
+            if row.version.on_demand:
+                self._trim_lru()
             row.version = None
 
     def _evict(self) -> None:

@@ -39,6 +39,7 @@ MAX_GPUS = 1024
 MAX_QUEUE = 100_000
 MAX_CONCURRENCY = 65536
 MAX_ADAPTERS = 64  # per deploy request
+MAX_LORAS = 4096  # adapters kept loaded on demand per instance
 
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -7,9 +7,13 @@ on 127.0.0.1 (or `--host`) at an ephemeral port, which it announces by writing `
     GET    /health              model, loaded adapters, in-flight requests, engine stats
     POST   /adapters            {name, path, fingerprint}: load or replace an adapter
     DELETE /adapters/{name}     unload an adapter (requests already admitted finish with it)
-    POST   /generate            {messages | prompt, adapter, max_tokens, temperature, top_p,
-                                stop, seed}: NDJSON events, first {"type": "start",
-                                "prompt_tokens": n}, then the engine's events (see engine.py)
+    PUT    /lora-cache          {max_loras}: how many on-demand adapters to keep (LRU)
+    POST   /generate            {messages | prompt, adapter, adapter_path, adapter_fingerprint,
+                                max_tokens, temperature, top_p, stop, seed}: NDJSON events,
+                                first {"type": "start", "prompt_tokens": n}, then the engine's
+                                events (see engine.py); with `adapter_path` the adapter is
+                                loaded on demand when it is not (see adapters.py), and
+                                `start` has "lora": {"loaded": bool, "cached": [LRU names]}
 
 Every request must carry the secret the server put in `$SLLM_INSTANCE_SECRET` as
 `Authorization: Bearer ...` (`sllm.serve.auth`); without it the answer is 401, so a local user
@@ -35,6 +39,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sllm.serve.fields import (
+    MAX_LORAS,
     MAX_PATH_CHARS,
     MAX_STOPS,
     AdapterName,
@@ -50,6 +55,9 @@ from sllm.serve.fields import (
 log = logging.getLogger("sllm.instance")
 
 
+CleanString = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_name_chars)]
+
+
 class GenerateBody(BaseModel):
     """What the server forwards; checked again here, as the instance trusts nobody's numbers."""
 
@@ -58,6 +66,8 @@ class GenerateBody(BaseModel):
     messages: list[dict[str, Text]] | None = Field(None, max_length=4096)
     prompt: Text | None = None
     adapter: AdapterName | None = None
+    adapter_path: CleanString | None = None
+    adapter_fingerprint: CleanString = ""
     max_tokens: MaxTokens = 16
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
@@ -65,13 +75,14 @@ class GenerateBody(BaseModel):
     seed: Seed | None = None
 
 
-CleanString = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_name_chars)]
-
-
 class AdapterBody(BaseModel):
     name: AdapterName
     path: CleanString = Field(min_length=1)
     fingerprint: CleanString = ""
+
+
+class LoraCacheBody(BaseModel):
+    max_loras: int = Field(ge=1, le=MAX_LORAS)
 
 
 def create_instance_app(engine: Any, model_name: str, secret: str, on_ready=None):
@@ -104,6 +115,7 @@ def create_instance_app(engine: Any, model_name: str, secret: str, on_ready=None
             "adapters": engine.adapters.names(),
             "in_flight": engine.in_flight(),
             "max_batch_size": engine.max_batch_size,
+            "max_loras": engine.max_loras,
             "stats": dict(engine.stats),
         }
 
@@ -115,6 +127,11 @@ def create_instance_app(engine: Any, model_name: str, secret: str, on_ready=None
     def unload_adapter(name: str) -> dict:
         engine.unload_adapter(name)
         return {"name": name, "status": "unloaded"}
+
+    @app.put("/lora-cache")
+    def lora_cache(body: LoraCacheBody) -> dict:
+        engine.set_max_loras(body.max_loras)
+        return {"max_loras": engine.max_loras}
 
     @app.post("/generate")
     async def generate(body: GenerateBody):
@@ -135,17 +152,26 @@ def create_instance_app(engine: Any, model_name: str, secret: str, on_ready=None
             except RuntimeError:  # the loop is gone: the instance is stopping
                 pass
 
-        row = engine.submit(ids, params, emit, body.adapter)
-        return StreamingResponse(
-            _events(engine, row, queue, len(ids)), media_type="application/x-ndjson"
-        )
+        version, start = None, {"type": "start", "prompt_tokens": len(ids)}
+        if body.adapter and body.adapter_path:
+            args = (body.adapter, body.adapter_path, body.adapter_fingerprint)
+            version, loaded = await run_in_threadpool(engine.acquire_on_demand, *args)
+            start["lora"] = {"loaded": loaded, "cached": engine.on_demand_names()}
+        try:
+            row = engine.submit(ids, params, emit, body.adapter, version=version)
+        except BaseException:
+            if version is not None:
+                engine.adapters.release(version)
+            raise
+        events = _events(engine, row, queue, start)
+        return StreamingResponse(events, media_type="application/x-ndjson")
 
     return app
 
 
-async def _events(engine: Any, row: Any, queue: asyncio.Queue, prompt_tokens: int):
+async def _events(engine: Any, row: Any, queue: asyncio.Queue, start: dict):
     try:
-        yield json.dumps({"type": "start", "prompt_tokens": prompt_tokens}) + "\n"
+        yield json.dumps(start) + "\n"
         while True:
             event = await queue.get()
             yield json.dumps(event) + "\n"

@@ -21,6 +21,7 @@ from sllm.serve.fields import (
     MAX_CPUS,
     MAX_GPUS,
     MAX_INSTANCES,
+    MAX_LORAS,
     MAX_QUEUE,
     MAX_QUEUE_SECONDS,
     MAX_SECONDS,
@@ -39,6 +40,7 @@ from sllm.serve.fields import (
 )
 
 DEFAULT_CHAT_MAX_TOKENS = 256
+DEFAULT_MAX_LORAS = 8  # the engine's default too (sllm.serve.engine)
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 
 
@@ -244,6 +246,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ModelDeleted(BaseModel):
+    """OpenAI's answer to deleting a model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
 # --- deployments ---------------------------------------------------------------------------------
 
 
@@ -296,6 +306,12 @@ class DeployRequest(BaseModel):
         None, description="Weights dtype; auto: float32 on CPU, stored dtype on GPU."
     )
     enable_lora: StrictBool | None = None
+    max_loras: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=MAX_LORAS,
+        description="Adapters loaded on demand that each instance keeps (LRU; 8).",
+    )
     lora_adapters: dict[AdapterName, AdapterPath] = Field(
         default_factory=dict,
         max_length=MAX_ADAPTERS,
@@ -322,6 +338,7 @@ class DeploymentConfig(BaseModel):
     queue_timeout: float = Field(60.0, gt=0, allow_inf_nan=False)
     dtype: str = "auto"
     enable_lora: bool = False
+    max_loras: int = Field(DEFAULT_MAX_LORAS, ge=1)
     lora_adapters: dict[str, str] = Field(default_factory=dict)
 
     def concurrency(self) -> int:
@@ -347,6 +364,11 @@ class InstanceStatus(BaseModel):
     cold_start_seconds: float | None = None
     idle_seconds: float | None = None
     adapters: list[str] = Field(default_factory=list)
+    lora_cache: list[str] = Field(
+        default_factory=list,
+        description="Adapters loaded on demand (least recently used first), as last reported.",
+    )
+    lora_loads: int = Field(0, description="On-demand adapter loads so far (LRU misses).")
 
 
 class DeploymentStatus(BaseModel):
@@ -358,6 +380,9 @@ class DeploymentStatus(BaseModel):
     instances: list[InstanceStatus]
     queued: int = 0
     last_error: str | None = None
+    on_demand: bool = Field(
+        False, description="Made by a request for a fine-tuned model, not by a deploy."
+    )
 
 
 class DeploymentList(BaseModel):

@@ -266,6 +266,9 @@ class Scaler:
                     name: (str(self.root / rel), dep.fingerprints.get(name, ""))
                     for name, rel in dep.config.lora_adapters.items()
                 }
+                max_loras = dep.config.max_loras
+            if inst.max_loras != max_loras:
+                self._set_max_loras(inst, max_loras)
             for name in [n for n in inst.loaded if n not in want]:
                 self._unload(inst, name)
             for name, (path, fingerprint) in want.items():
@@ -280,6 +283,14 @@ class Scaler:
                     errors[name] = exc.message
                     self._unload(inst, name)  # never leave an older version answering
         return errors
+
+    def _set_max_loras(self, inst: Instance, max_loras: int) -> None:
+        try:
+            body = {"max_loras": max_loras}
+            control(self._http, "PUT", f"{inst.url}/lora-cache", json=body, headers=inst.headers)
+            inst.max_loras = max_loras
+        except SllmError as exc:  # it keeps its current cap; the next sync tries again
+            log.warning("%s: could not set max_loras: %s", inst.id, exc.message)
 
     def _unload(self, inst: Instance, name: str) -> None:
         try:

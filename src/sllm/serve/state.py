@@ -32,6 +32,9 @@ class Instance:
     cold_start_s: float | None = None
     error: str | None = None
     loaded: dict[str, str] = field(default_factory=dict)  # name -> path|fingerprint
+    max_loras: int | None = None  # what the instance was told (PUT /lora-cache)
+    lora_cache: list[str] = field(default_factory=list)  # on-demand adapters, as last reported
+    lora_loads: int = 0  # on-demand adapter loads (LRU misses)
     sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -58,6 +61,7 @@ class Deployment:
     counter: int = 0
     queued: int = 0
     last_error: str | None = None
+    on_demand: bool = False  # made for a fine-tuned model's request; a deploy makes it explicit
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances if i.live]
@@ -85,6 +89,7 @@ def describe(dep: Deployment, now: float) -> DeploymentStatus:
         instances=instances,
         queued=dep.queued,
         last_error=dep.last_error,
+        on_demand=dep.on_demand,
     )
 
 
@@ -101,4 +106,6 @@ def _instance_status(inst: Instance, now: float) -> InstanceStatus:
         cold_start_seconds=inst.cold_start_s,
         idle_seconds=None if inst.in_flight else round(now - inst.last_used, 3),
         adapters=sorted(inst.loaded),
+        lora_cache=list(inst.lora_cache),
+        lora_loads=inst.lora_loads,
     )

@@ -2,7 +2,10 @@
 
 POST   /v1/chat/completions               chat (messages); `stream: true` for SSE
 POST   /v1/completions                    text completion (prompt); `stream: true` for SSE
-GET    /v1/models                         deployed models, and their adapters (with parent)
+GET    /v1/models                         deployed models, their adapters, and fine-tuned
+                                          models of completed jobs (adapters have `parent`)
+GET    /v1/models/{name}                  one of them
+DELETE /v1/models/{name}                  a fine-tuned model (its adapter leaves the store)
 POST   /v1/deployments                    deploy a model, or add/replace its adapters
 GET    /v1/deployments                    every deployment: adapters, instances, state
 GET    /v1/deployments/{model}            one deployment
@@ -27,6 +30,8 @@ from sllm.serve.protocol import (
     DeploymentList,
     DeploymentStatus,
     DeployRequest,
+    ModelCard,
+    ModelDeleted,
     ModelList,
 )
 
@@ -48,7 +53,7 @@ def _completions(request: Request) -> CompletionService:
     responses=error_responses(404, 413, 429, 503),
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    """Chat with a deployed model or one of its adapters (`lora_adapter_name` or `model`)."""
+    """Chat with a deployed model, one of its adapters, or a fine-tuned model (no deploy)."""
     service = _completions(request)
     if body.stream:
         lines = await service.chat_stream(body)
@@ -70,8 +75,22 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses())
 def list_models(request: Request) -> ModelList:
-    """Deployed base models and their adapters (`parent` names the base model)."""
+    """Deployed models, their adapters and fine-tuned models (`parent`: the base model)."""
     return _deployments(request).list_models()
+
+
+@router.get("/v1/models/{name:path}", response_model=ModelCard, responses=error_responses(404))
+def get_model(name: str, request: Request) -> ModelCard:
+    """One model of the list (a deployed model, an adapter, or a fine-tuned model)."""
+    return _deployments(request).get_model(name)
+
+
+@router.delete(
+    "/v1/models/{name:path}", response_model=ModelDeleted, responses=error_responses(404, 409)
+)
+def delete_model(name: str, request: Request) -> ModelDeleted:
+    """Delete a fine-tuned model (`ft:...`): its adapter leaves the store and every instance."""
+    return _deployments(request).delete_model(name)
 
 
 @router.post(
