@@ -26,11 +26,11 @@ from pathlib import Path
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.jobs.db import JobRecord, JobStore
 from sllm.jobs.states import JobStatus
+from sllm.openai.names import model_name, suffix_of
 from sllm.serve.adapters import adapter_fingerprint, check_adapter_dir, check_fits_base
 from sllm.serve.protocol import ModelCard
 
 PREFIX = "ft:"
-DEFAULT_SUFFIX = "sllm"
 _CKPT = re.compile(r":ckpt-step-(\d{1,12})$")
 
 
@@ -63,9 +63,9 @@ def parse_fine_tuned_model(name: str | None) -> FineTunedName | None:
 
 
 def fine_tuned_model_name(rec: JobRecord) -> str:
-    """The name a completed job's adapter is served under."""
-    suffix = rec.config.get("suffix") or DEFAULT_SUFFIX
-    return f"{PREFIX}{rec.model}:{suffix}:{rec.id}"
+    """The name a completed job's adapter is served under (the one rule, `sllm.openai.names`:
+    the suffix an OpenAI request gave, else `sllm`)."""
+    return model_name(rec.model, suffix_of(rec), rec.id)
 
 
 @dataclass(frozen=True)
