@@ -385,6 +385,39 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM jobs WHERE id = ?", (job_id,)))
 
+    # --- aggregates for /metrics (read at scrape time, nothing is counted twice) ----------
+    def count_by_status(self) -> dict[str, int]:
+        rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {r[0]: r[1] for r in rows}
+
+    def queue_waits(self, bounds: list[float]) -> tuple[list[int], int, float]:
+        """Seconds from submission to (latest) start of every job that started: cumulative
+        counts at or below each of `bounds`, the count and the sum (a histogram's parts)."""
+        wait = "(julianday(started_time) - julianday(created_time)) * 86400.0"
+        buckets = ", ".join("COALESCE(SUM(w <= ?), 0)" for _ in bounds)
+        sql = (
+            f"SELECT COUNT(*), COALESCE(SUM(w), 0.0){', ' if bounds else ''}{buckets} "
+            f"FROM (SELECT {wait} AS w FROM jobs WHERE started_time IS NOT NULL)"
+        )
+        row = self._read(sql, tuple(bounds))[0]
+        return [int(c) for c in row[2:]], int(row[0]), float(row[1])
+
+    def trained_tokens_total(self) -> int:
+        rows = self._read(
+            "SELECT COALESCE(SUM(json_extract(progress_json, '$.trained_tokens')), 0) FROM jobs "
+            "WHERE progress_json IS NOT NULL"
+        )
+        return int(rows[0][0])
+
+    def running_speeds(self) -> dict[str, float]:
+        """Tokens per second of each running job that reported one."""
+        rows = self._read(
+            "SELECT id, json_extract(progress_json, '$.tokens_per_second') FROM jobs "
+            "WHERE status = ? AND progress_json IS NOT NULL",
+            (JobStatus.RUNNING.value,),
+        )
+        return {r[0]: float(r[1]) for r in rows if r[1] is not None}
+
     # --- the only writer of status ------------------------------------------------------
     def transition(
         self,

@@ -31,7 +31,7 @@ from pathlib import Path
 from sllm.jobs.db import JobRecord, JobStore
 from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
 from sllm.jobs.messages import log_hint
-from sllm.jobs.resources import ResourcePool
+from sllm.jobs.resources import ResourcePool, wait_reason
 from sllm.jobs.states import TERMINAL, WORKER_REPORTED, ErrorKind, JobStatus
 from sllm.jobs.worker import EXIT_STOPPED
 
@@ -53,6 +53,27 @@ class Running:
     term_sent_at: float | None = None
     kill_sent: bool = False
     extra: dict = field(default_factory=dict)
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def _log_end(rec: JobRecord, rc: int) -> None:
+    """One INFO line for the operator when a job's worker is gone: how it ended, how long it
+    ran (a re-queued job says so: it runs again)."""
+    ran = _seconds_between(rec.started_time, rec.finished_time or rec.updated_time)
+    took = f" after {ran:.1f} s" if ran is not None else ""
+    if rec.status is JobStatus.PENDING:
+        log.info("job %s re-queued%s (worker exit code %s)", rec.id, took, rc)
+    elif rec.status is JobStatus.FAILED:
+        kind = rec.error_kind or "error"
+        log.info("job %s failed (%s)%s: %s", rec.id, kind, took, rec.error_message or "")
+    else:
+        step = (rec.progress or {}).get("step")
+        log.info("job %s %s%s at step %s", rec.id, rec.status.value, took, step)
 
 
 def _age_seconds(created_time: str) -> float:
@@ -231,6 +252,8 @@ class Supervisor:
             rec = self.store.get(job_id)
             if rec is None or rec.status in TERMINAL:
                 self.discard_scratch(job_id)
+            if rec is not None:
+                _log_end(rec, rc)
 
     def discard_scratch(self, job_id: str) -> None:
         """A job that will not run again needs no checkpoints (it resumes only when re-queued),
@@ -383,6 +406,7 @@ class Supervisor:
                     f"capacity ({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs).",
                     error_kind=ErrorKind.UNSCHEDULABLE.value,
                 )
+                log.info("job %s failed: it can never fit this server's capacity", job.id)
                 self.discard_scratch(job.id)  # a re-queued job may have checkpoints
                 continue
             alloc = self.pool.try_acquire(job.id, job.num_cpus, job.num_gpus)
@@ -395,6 +419,36 @@ class Supervisor:
                 self.pool.release(job.id)
             if self.pool.free()[0] < 1:
                 return
+
+    def pending_reasons(self, job_ids: set[str] | None = None) -> dict[str, str]:
+        """Why each pending job (of `job_ids`, or all) waits, by the rules `_schedule` applies:
+        what it needs against what is free now, how many jobs are ahead of it in the queue, and
+        whether a starving job ahead reserves the next free resources."""
+        free_cpus, free_gpu_ids = self.pool.free()
+        reasons: dict[str, str] = {}
+        starving: str | None = None
+        for ahead, job in enumerate(self.store.pending_in_order()):
+            if job_ids is None or job.id in job_ids:
+                reasons[job.id] = self._reason(job, ahead, free_cpus, len(free_gpu_ids), starving)
+            if starving is None and _age_seconds(job.created_time) >= self.starvation_s:
+                if not (job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)):
+                    starving = job.id
+        return reasons
+
+    def _reason(self, job, ahead: int, free_cpus: int, free_gpus: int, starving: str | None) -> str:
+        if not self.pool.fits_ever(job.num_cpus, job.num_gpus):
+            return (
+                f"needs {job.num_cpus} CPUs and {job.num_gpus} GPUs, more than the capacity "
+                f"({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs); it fails on the "
+                "next scheduling pass"
+            )
+        reason = wait_reason(job.num_cpus, job.num_gpus, free_cpus, free_gpus, ahead)
+        if starving is not None:
+            reason += (
+                f"; {starving} ahead has waited over {self.starvation_s:g} s and reserves the "
+                "next free resources"
+            )
+        return reason
 
     def _launch(self, rec: JobRecord, alloc) -> bool:
         if not self.store.transition(
@@ -417,6 +471,14 @@ class Supervisor:
             )
             return False
         self.store.set_worker(rec.id, handle.pid, handle.host)
+        log.info(
+            "job %s started: %d CPUs, GPUs %s, worker pid %s, after %.1f s in the queue",
+            rec.id,
+            alloc.cpus,
+            list(alloc.gpu_ids),
+            handle.pid,
+            _age_seconds(rec.created_time),
+        )
         self._running[rec.id] = Running(
             job_id=rec.id,
             handle=handle,
