@@ -1,0 +1,54 @@
+"""Reading worker logs by byte offsets, and the one-line reason a pending job waits."""
+
+from __future__ import annotations
+
+import pytest
+
+from sllm.jobs.logs import read_range, read_tail
+from sllm.jobs.resources import wait_reason
+
+
+def test_tail_returns_the_last_lines_and_their_offsets(tmp_path):
+    log = tmp_path / "worker.log"
+    log.write_bytes(b"one\ntwo\nthree\n")
+    page = read_tail(log, 2)
+    assert page.data == b"two\nthree\n"
+    assert (page.offset, page.next_offset, page.size) == (4, 14, 14)
+    assert read_tail(log, 50).data == b"one\ntwo\nthree\n"
+    log.write_bytes(b"one\ntwo")  # an unfinished last line counts as a line
+    assert read_tail(log, 1).data == b"two"
+
+
+def test_pages_join_up_byte_for_byte_and_never_split_a_character(tmp_path):
+    log = tmp_path / "worker.log"
+    text = "step 1 loss 2.0 ✓\nпривет 🙂 done\n" * 3
+    log.write_text(text, encoding="utf-8")
+    data, offset = b"", 0
+    while True:
+        page = read_range(log, offset, 5)
+        page.data.decode("utf-8")  # each page decodes alone: no half character at its end
+        if page.next_offset == offset:
+            break
+        assert page.offset == offset and page.next_offset == offset + len(page.data)
+        data, offset = data + page.data, page.next_offset
+    assert data.decode() == text
+    past = read_range(log, 10_000, 10)
+    assert past.data == b"" and past.next_offset == past.size == len(text.encode())
+
+
+def test_a_missing_log_reads_empty(tmp_path):
+    for page in (read_tail(tmp_path / "nope.log", 10), read_range(tmp_path / "nope.log", 0, 9)):
+        assert (page.offset, page.next_offset, page.size, page.data) == (0, 0, 0, b"")
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        ((2, 0, 1, 0, 2), "waiting for 2 CPUs: 1 free; 2 jobs ahead"),
+        ((1, 1, 4, 0, 0), "waiting for 1 GPU: 0 free"),
+        ((4, 2, 1, 1, 1), "waiting for 4 CPUs and 2 GPUs: 1 CPU and 1 GPU free; 1 job ahead"),
+        ((1, 0, 2, 0, 0), "starting: its 1 CPU and 0 GPUs are free"),
+    ],
+)
+def test_wait_reason_names_what_is_missing(args, expected):
+    assert wait_reason(*args) == expected
