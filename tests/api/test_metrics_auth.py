@@ -3,6 +3,10 @@ a registry of its own (several apps in one process do not share or clash)."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +24,24 @@ def _names(text: str) -> set[str]:
     return {f.name for f in text_string_to_metric_families(text)}
 
 
+def _series_names(text: str) -> set[str]:
+    """Every series name a query may use: counters end in _total, histograms have three."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}
+    return {
+        f.name + suffix
+        for f in text_string_to_metric_families(text)
+        for suffix in suffixes.get(f.type, [""])
+    }
+
+
+def _dashboard_metrics() -> set[str]:
+    path = Path(__file__).parents[2] / "examples" / "grafana" / "sllm-dashboard.json"
+    exprs = [
+        t["expr"] for p in json.loads(path.read_text())["panels"] for t in p.get("targets", [])
+    ]
+    return set(re.findall(r"sllm_[a-z_]+", " ".join(exprs)))
+
+
 def test_metrics_need_the_key_like_every_route(tmp_path):
     with TestClient(_app(tmp_path, "a", api_keys=[KEY])) as c:
         r = c.get("/metrics")
@@ -33,6 +55,8 @@ def test_metrics_need_the_key_like_every_route(tmp_path):
     )
     # the refused scrape was counted, by its route template
     assert 'sllm_requests_total{code="401",method="GET",route="/metrics"} 1.0' in text
+    plotted = _dashboard_metrics()
+    assert len(plotted) >= 10 and plotted <= _series_names(text), plotted - _series_names(text)
 
 
 def test_metrics_unauthenticated_opens_only_metrics(tmp_path):
