@@ -72,3 +72,40 @@ def test_queue_waits_are_a_cumulative_histogram_of_started_jobs(tmp_path):
         assert cumulative == [1, 2] and count == 3 and total == pytest.approx(63.5, abs=0.01)
     finally:
         store.close()
+
+
+def test_pending_reason_counts_the_queue_ahead_and_names_a_starving_job(tmp_path):
+    from sllm.jobs.db import JobStore
+    from sllm.jobs.resources import ResourcePool
+    from sllm.jobs.supervisor import Supervisor
+
+    store = JobStore(tmp_path / "sllm.db")
+    pool = ResourcePool(4, [])
+    sup = Supervisor(store, launcher=None, pool=pool, starvation_s=3600)
+
+    def job(cpus: int, priority: int = 0):
+        return store.create(
+            model="m",
+            ft_backend="peft_lora",
+            num_cpus=cpus,
+            num_gpus=0,
+            timeout=60,
+            priority=priority,
+            config={},
+            backend_config={},
+        )
+
+    try:
+        pool.try_acquire("someone", 3, 0)
+        big, small, urgent = job(4), job(2), job(2, priority=9)
+        assert sup.pending_reason(urgent) == "waiting for 2 CPUs: 1 free"
+        assert sup.pending_reason(big) == "waiting for 4 CPUs: 1 free; 1 job ahead"
+        assert sup.pending_reason(small) == "waiting for 2 CPUs: 1 free; 2 jobs ahead"
+        assert "more than the capacity" in sup.pending_reason(job(5))
+        sup.starvation_s = 0  # all have starved: the first ahead that does not fit reserves
+        assert sup.pending_reason(small) == (
+            f"waiting for 2 CPUs: 1 free; 2 jobs ahead; {urgent.id} ahead has waited over 0 s "
+            "and reserves the next free resources"
+        )
+    finally:
+        store.close()

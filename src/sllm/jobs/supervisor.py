@@ -420,34 +420,26 @@ class Supervisor:
             if self.pool.free()[0] < 1:
                 return
 
-    def pending_reasons(self, job_ids: set[str] | None = None) -> dict[str, str]:
-        """Why each pending job (of `job_ids`, or all) waits, by the rules `_schedule` applies:
-        what it needs against what is free now, how many jobs are ahead of it in the queue, and
-        whether a starving job ahead reserves the next free resources."""
-        free_cpus, free_gpu_ids = self.pool.free()
-        reasons: dict[str, str] = {}
-        starving: str | None = None
-        for ahead, job in enumerate(self.store.pending_in_order()):
-            if job_ids is None or job.id in job_ids:
-                reasons[job.id] = self._reason(job, ahead, free_cpus, len(free_gpu_ids), starving)
-            if starving is None and _age_seconds(job.created_time) >= self.starvation_s:
-                if not (job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)):
-                    starving = job.id
-        return reasons
-
-    def _reason(self, job, ahead: int, free_cpus: int, free_gpus: int, starving: str | None) -> str:
-        if not self.pool.fits_ever(job.num_cpus, job.num_gpus):
+    def pending_reason(self, rec: JobRecord) -> str:
+        """Why a pending job waits, by the rules `_schedule` applies: what it needs against what
+        is free now, how many jobs are ahead of it in the queue, and whether a starving job
+        ahead (waited over `starvation_s`, does not fit) reserves the next free resources."""
+        if not self.pool.fits_ever(rec.num_cpus, rec.num_gpus):
             return (
-                f"needs {job.num_cpus} CPUs and {job.num_gpus} GPUs, more than the capacity "
+                f"needs {rec.num_cpus} CPUs and {rec.num_gpus} GPUs, more than the capacity "
                 f"({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs); it fails on the "
                 "next scheduling pass"
             )
-        reason = wait_reason(job.num_cpus, job.num_gpus, free_cpus, free_gpus, ahead)
-        if starving is not None:
-            reason += (
-                f"; {starving} ahead has waited over {self.starvation_s:g} s and reserves the "
-                "next free resources"
-            )
+        free_cpus, free_gpu_ids = self.pool.free()
+        ahead, heads = self.store.queue_ahead(rec.priority, rec.seq)
+        reason = wait_reason(rec.num_cpus, rec.num_gpus, free_cpus, len(free_gpu_ids), ahead)
+        for job in heads:
+            fits = job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)
+            if not fits and _age_seconds(job.created_time) >= self.starvation_s:
+                return (
+                    f"{reason}; {job.id} ahead has waited over {self.starvation_s:g} s and "
+                    "reserves the next free resources"
+                )
         return reason
 
     def _launch(self, rec: JobRecord, alloc) -> bool:
