@@ -102,10 +102,14 @@ def test_pending_reason_counts_the_queue_ahead_and_names_a_starving_job(tmp_path
         assert sup.pending_reason(big) == "waiting for 4 CPUs: 1 free; 1 job ahead"
         assert sup.pending_reason(small) == "waiting for 2 CPUs: 1 free; 2 jobs ahead"
         assert "more than the capacity" in sup.pending_reason(job(5))
+        many = [job(2) for _ in range(9)]  # a page of many: one read of the queue, same answers
+        records = [big, small, urgent, *many]
+        assert sup.pending_reasons(records) == {r.id: sup.pending_reason(r) for r in records}
         sup.starvation_s = 0  # all have starved: the first ahead that does not fit reserves
         assert sup.pending_reason(small) == (
             f"waiting for 2 CPUs: 1 free; 2 jobs ahead; {urgent.id} ahead has waited over 0 s "
             "and reserves the next free resources"
         )
+        assert sup.pending_reasons(records) == {r.id: sup.pending_reason(r) for r in records}
     finally:
         store.close()

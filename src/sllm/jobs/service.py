@@ -153,7 +153,7 @@ class JobService:
     def _reasons(self, records: list[JobRecord]) -> dict[str, str]:
         """Why the pending ones of `records` wait."""
         pending = [r for r in records if r.status is JobStatus.PENDING]
-        return {r.id: self.supervisor.pending_reason(r) for r in pending}
+        return self.supervisor.pending_reasons(pending) if pending else {}
 
     def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> JobList:
         if not 1 <= limit <= 1000:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sllm.jobs.db import JobRecord, JobStore
+from sllm.jobs.db import JobRecord, JobStore, QueuedJob
 from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
 from sllm.jobs.messages import log_hint
 from sllm.jobs.resources import ResourcePool, wait_reason
@@ -420,26 +420,54 @@ class Supervisor:
             if self.pool.free()[0] < 1:
                 return
 
+    def pending_reasons(self, records: list[JobRecord]) -> dict[str, str]:
+        """`pending_reason` of each of `records` (pending ones). A page of many pending jobs
+        reads the queue once instead of looking each one up."""
+        if len(records) <= 8:
+            return {rec.id: self.pending_reason(rec) for rec in records}
+        wanted = {rec.id for rec in records}
+        free_cpus, free_gpu_ids = self.pool.free()
+        reasons: dict[str, str] = {}
+        starving: QueuedJob | None = None
+        for ahead, job in enumerate(self.store.pending_in_order()):
+            if job.id in wanted:
+                reasons[job.id] = self._reason(job, ahead, free_cpus, len(free_gpu_ids), starving)
+            fits = job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)
+            if (
+                starving is None
+                and not fits
+                and _age_seconds(job.created_time) >= self.starvation_s
+            ):
+                starving = job
+        return reasons
+
     def pending_reason(self, rec: JobRecord) -> str:
         """Why a pending job waits, by the rules `_schedule` applies: what it needs against what
         is free now, how many jobs are ahead of it in the queue, and whether a starving job
         ahead (waited over `starvation_s`, does not fit) reserves the next free resources."""
-        if not self.pool.fits_ever(rec.num_cpus, rec.num_gpus):
-            return (
-                f"needs {rec.num_cpus} CPUs and {rec.num_gpus} GPUs, more than the capacity "
-                f"({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs); it fails on the "
-                "next scheduling pass"
-            )
         free_cpus, free_gpu_ids = self.pool.free()
         ahead, heads = self.store.queue_ahead(rec.priority, rec.seq)
-        reason = wait_reason(rec.num_cpus, rec.num_gpus, free_cpus, len(free_gpu_ids), ahead)
+        starving = None
         for job in heads:
             fits = job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)
             if not fits and _age_seconds(job.created_time) >= self.starvation_s:
-                return (
-                    f"{reason}; {job.id} ahead has waited over {self.starvation_s:g} s and "
-                    "reserves the next free resources"
-                )
+                starving = job
+                break
+        return self._reason(rec, ahead, free_cpus, len(free_gpu_ids), starving)
+
+    def _reason(self, job, ahead: int, free_cpus: int, free_gpus: int, starving) -> str:
+        if not self.pool.fits_ever(job.num_cpus, job.num_gpus):
+            return (
+                f"needs {job.num_cpus} CPUs and {job.num_gpus} GPUs, more than the capacity "
+                f"({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs); it fails on the "
+                "next scheduling pass"
+            )
+        reason = wait_reason(job.num_cpus, job.num_gpus, free_cpus, free_gpus, ahead)
+        if starving is not None:
+            reason += (
+                f"; {starving.id} ahead has waited over {self.starvation_s:g} s and reserves the "
+                "next free resources"
+            )
         return reason
 
     def _launch(self, rec: JobRecord, alloc) -> bool:
