@@ -113,3 +113,25 @@ def test_pending_reason_counts_the_queue_ahead_and_names_a_starving_job(tmp_path
         assert sup.pending_reasons(records) == {r.id: sup.pending_reason(r) for r in records}
     finally:
         store.close()
+
+
+def test_cached_reasons_follow_the_pool_and_the_queue(tmp_path):
+    from sllm.jobs.db import JobStore
+    from sllm.jobs.resources import ResourcePool
+    from sllm.jobs.supervisor import Supervisor
+
+    store = JobStore(tmp_path / "sllm.db")
+    pool = ResourcePool(2, [])
+    sup = Supervisor(store, launcher=None, pool=pool)
+    kw = dict(model="m", ft_backend="peft_lora", num_gpus=0, timeout=60, config={})
+    try:
+        first = store.create(num_cpus=2, priority=0, backend_config={}, **kw)
+        pool.try_acquire("instance:x", 1, 0)
+        assert sup.pending_reasons([first]) == {first.id: "waiting for 2 CPUs: 1 free"}
+        pool.try_acquire("instance:y", 1, 0)  # the pool changed: not the cached answer
+        assert sup.pending_reasons([first]) == {first.id: "waiting for 2 CPUs: 0 free"}
+        urgent = store.create(num_cpus=1, priority=5, backend_config={}, **kw)
+        assert sup.pending_reasons([first])[first.id].endswith("; 1 job ahead")
+        assert sup.pending_reasons([urgent]) == {urgent.id: "waiting for 1 CPU: 0 free"}
+    finally:
+        store.close()

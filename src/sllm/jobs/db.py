@@ -241,6 +241,11 @@ class JobStore:
                 if "duplicate column" not in str(exc):
                     raise
 
+    @property
+    def write_count(self) -> int:
+        """Rows this process has written so far (a cheap "did anything change" for caches)."""
+        return self._conn.total_changes
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()

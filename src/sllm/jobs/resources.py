@@ -69,6 +69,7 @@ class AllocationLedger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[str, Allocation] = {}
+        self.generation = 0  # bumped by every acquire and release (readers cache on it)
 
     def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
         with self._lock:
@@ -77,6 +78,7 @@ class AllocationLedger:
             alloc = self._place_locked(owner, cpus, gpus)
             if alloc is not None:
                 self._held[owner] = alloc
+                self.generation += 1
             return alloc
 
     def _place_locked(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
@@ -84,7 +86,8 @@ class AllocationLedger:
 
     def release(self, owner: str) -> None:
         with self._lock:
-            self._held.pop(owner, None)
+            if self._held.pop(owner, None) is not None:
+                self.generation += 1
 
     def held(self) -> dict[str, Allocation]:
         with self._lock:

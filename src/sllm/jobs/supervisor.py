@@ -38,6 +38,7 @@ from sllm.jobs.worker import EXIT_STOPPED
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 1.0
+REASON_TTL_S = 1.0  # a cached pending_reason is at most this old
 SWEEP_EVERY_S = 3600.0
 # What a job's scratch holds besides its worker log: checkpoints, the datasets cache, temp files.
 SCRATCH_PARTS = ("trainer", "datasets", "tmp")
@@ -111,6 +112,8 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
+        self._reasons_lock = threading.Lock()
+        self._reasons: tuple[tuple, dict[str, str]] = ((), {})
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -421,8 +424,30 @@ class Supervisor:
                 return
 
     def pending_reasons(self, records: list[JobRecord]) -> dict[str, str]:
-        """`pending_reason` of each of `records` (pending ones). A page of many pending jobs
-        reads the queue once instead of looking each one up."""
+        """`pending_reason` of each of `records` (pending ones), cached until the queue or the
+        pool changes (or a second passes: a job may start starving), so a pending job polled by
+        many clients costs a dictionary lookup, not a look at the queue per poll."""
+        key = (
+            self.store.write_count,
+            self.pool.generation,
+            self.starvation_s,
+            int(time.monotonic() / REASON_TTL_S),
+        )
+        with self._reasons_lock:
+            if self._reasons[0] != key:
+                self._reasons = (key, {})
+            cached = self._reasons[1]
+            missing = [rec for rec in records if rec.id not in cached]
+        if missing:
+            fresh = self._compute_reasons(missing)
+            with self._reasons_lock:
+                if self._reasons[0] == key:
+                    self._reasons[1].update(fresh)
+            cached = {**cached, **fresh}
+        return {rec.id: cached[rec.id] for rec in records if rec.id in cached}
+
+    def _compute_reasons(self, records: list[JobRecord]) -> dict[str, str]:
+        """A few jobs are looked up on the index; a page of many reads the queue once."""
         if len(records) <= 8:
             return {rec.id: self.pending_reason(rec) for rec in records}
         wanted = {rec.id for rec in records}
