@@ -226,9 +226,10 @@ def follow(args: argparse.Namespace) -> int:
             st = job["status"]
             progress = st.get("progress") or {}
             loss = progress.get("loss")
+            waiting = f" ({st['pending_reason']})" if st.get("pending_reason") else ""
             bar.update(
                 task,
-                description=f"{args.job_id} {st['status']}",
+                description=f"{args.job_id} {st['status']}{waiting}",
                 total=progress.get("total_steps"),
                 completed=progress.get("step") or 0,
                 loss=f"{loss:.4f}" if loss is not None else "-",

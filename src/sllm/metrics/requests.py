@@ -50,9 +50,18 @@ class RequestMetrics:
             registry=registry,
         )
 
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # children, looked up once
+
     def observe(self, method: str, route: str, code: int, t: timing.RequestTiming) -> None:
-        self.requests.labels(method, route, str(code)).inc()
-        self.duration.labels(method, route).observe(time.perf_counter() - t.start)
+        series = self._series.get((method, route, code))
+        if series is None:
+            series = (
+                self.requests.labels(method, route, str(code)),
+                self.duration.labels(method, route),
+            )
+            self._series[(method, route, code)] = series
+        series[0].inc()
+        series[1].observe(time.perf_counter() - t.start)
         ttft = t.ttft()
         if ttft is not None and route in GENERATION_ROUTES:
             self.ttft.labels(route).observe(ttft)
