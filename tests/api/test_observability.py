@@ -172,6 +172,8 @@ def test_pending_jobs_say_why_they_wait(srv, done_job):
         assert st["pending_reason"] == "waiting for 2 CPUs: 1 free"
         st = c.get(f"/v1/fine_tuning/jobs/{second}").json()["status"]
         assert st["pending_reason"] == "waiting for 2 CPUs: 1 free; 1 job ahead"
+        logs = c.get(f"/v1/fine_tuning/jobs/{second}/logs").json()  # no worker yet: no log
+        assert (logs["text"], logs["size"], logs["offset"], logs["next_offset"]) == ("", 0, 0, 0)
         listed = {j["id"]: j["status"] for j in c.get("/v1/fine_tuning/jobs").json()["data"]}
         assert listed[second]["pending_reason"] == st["pending_reason"]
         assert listed[runner]["pending_reason"] is None  # running: no reason
