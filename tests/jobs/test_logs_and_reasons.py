@@ -135,3 +135,20 @@ def test_cached_reasons_follow_the_pool_and_the_queue(tmp_path):
         assert sup.pending_reasons([urgent]) == {urgent.id: "waiting for 1 CPU: 0 free"}
     finally:
         store.close()
+
+
+def test_tail_of_a_long_log_reads_back_across_chunks(tmp_path, monkeypatch):
+    from sllm.jobs import logs
+
+    monkeypatch.setattr(logs, "TAIL_CHUNK_BYTES", 7)  # many small reads backwards
+    log = tmp_path / "worker.log"
+    lines = [f"line {i} {'x' * (i % 5)}\n" for i in range(40)]
+    log.write_text("".join(lines))
+    for n in (1, 3, 17, 40, 100):
+        page = read_tail(log, n)
+        assert page.data.decode() == "".join(lines[-n:])
+        assert page.offset + len(page.data) == page.next_offset == page.size
+    monkeypatch.setattr(logs, "TAIL_SCAN_BYTES", 30)  # a window that starts mid-line
+    page = read_tail(log, 100)
+    assert page.data and "".join(lines).endswith(page.data.decode())
+    assert page.data.decode() in {"".join(lines[-k:]) for k in range(1, 5)}

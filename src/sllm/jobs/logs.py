@@ -16,6 +16,7 @@ MAX_TAIL_LINES = 10_000
 DEFAULT_LIMIT_BYTES = 64 * 1024
 MAX_LIMIT_BYTES = 1024 * 1024
 TAIL_SCAN_BYTES = MAX_LIMIT_BYTES  # how far back a tail looks for its lines
+TAIL_CHUNK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,18 @@ def read_range(path: Path, offset: int, limit: int) -> LogPage:
 
 
 def read_tail(path: Path, lines: int) -> LogPage:
-    """The last `lines` lines (looking back at most TAIL_SCAN_BYTES)."""
+    """The last `lines` lines, read backwards in chunks (looking back at most TAIL_SCAN_BYTES)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            start = max(0, size - TAIL_SCAN_BYTES)
-            f.seek(start)
-            data = f.read(size - start)
+            start, data = size, b""
+            while start > max(0, size - TAIL_SCAN_BYTES):
+                step = min(TAIL_CHUNK_BYTES, start - max(0, size - TAIL_SCAN_BYTES))
+                start -= step
+                f.seek(start)
+                data = f.read(step) + data
+                if data.count(b"\n", 0, len(data) - 1) >= lines:
+                    break
     except FileNotFoundError:
         return LogPage(0, 0, 0, b"")
     cut = len(data)
