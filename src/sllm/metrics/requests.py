@@ -18,7 +18,6 @@ from sllm.metrics import timing
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
-GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 UNMATCHED = "unmatched"
@@ -63,7 +62,7 @@ class RequestMetrics:
         series[0].inc()
         series[1].observe(time.perf_counter() - t.start)
         ttft = t.ttft()
-        if ttft is not None and route in GENERATION_ROUTES:
+        if ttft is not None:  # only generation marks a first token (whatever path it is under)
             self.ttft.labels(route).observe(ttft)
 
 
