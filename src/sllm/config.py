@@ -49,6 +49,9 @@ class Settings(BaseModel):
         default_factory=list,
         description="Bearer keys every route but /health requires; empty: no authentication.",
     )
+    metrics_unauthenticated: bool = Field(
+        False, description="Serve GET /metrics without the API key (for a Prometheus scraper)."
+    )
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above)."
     )

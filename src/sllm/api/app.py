@@ -8,13 +8,15 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from sllm import __version__
-from sllm.api.edge import EdgeMiddleware
-from sllm.api.errors import drop_validation_422, install_error_handlers
+from sllm.api.edge import OPEN_PATHS, EdgeMiddleware
+from sllm.api.errors import drop_validation_422, error_responses, install_error_handlers
 from sllm.api.routes import files, fine_tuning, openai_ft, serving
 from sllm.config import Settings
+from sllm.metrics.collector import build_registry
+from sllm.metrics.requests import MetricsMiddleware
 from sllm.services import Services
 
 WARM_UP_DEADLINE_S = 60.0
@@ -109,13 +111,18 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
 
     app = FastAPI(title="sllm", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
+    open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_unauthenticated else set())
     app.add_middleware(
         EdgeMiddleware,
         api_keys=settings.api_keys,
         max_body_bytes=settings.max_body_bytes,
         streamed_paths=files.UPLOAD_PATHS,
         max_upload_bytes=settings.max_upload_bytes,
+        open_paths=open_paths,
     )
+    registry, request_metrics = build_registry(lambda: getattr(app.state, "services", None))
+    app.state.metrics_registry = registry
+    app.add_middleware(MetricsMiddleware, metrics=request_metrics)  # outermost: sees 401/413 too
     app.include_router(fine_tuning.router)
     app.include_router(serving.router)
     app.include_router(files.router)
@@ -127,5 +134,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def health() -> dict:
         """Liveness probe."""
         return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["server"], response_class=Response, responses=error_responses())
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics (text exposition format): jobs, resources, requests, instances.
+        Needs the API key like every route unless the server runs with
+        `--metrics-unauthenticated`."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        body = generate_latest(request.app.state.metrics_registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app

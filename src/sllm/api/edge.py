@@ -188,18 +188,20 @@ class EdgeMiddleware:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         streamed_paths: Iterable[str] = (),
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        open_paths: Iterable[str] = OPEN_PATHS,
     ) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys if k]
         self.max_body_bytes = max_body_bytes
         self.streamed_paths = frozenset(streamed_paths)
         self.max_upload_bytes = max_upload_bytes
+        self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.keys and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
+        if self.keys and scope["path"] not in self.open_paths and not self._authorised(scope):
             await send_json(
                 send, 401, self._unauthorised_body(scope), {"WWW-Authenticate": "Bearer"}
             )

@@ -64,3 +64,31 @@ def call_server(
         print(f"error ({response.status_code}): {message}", file=sys.stderr)
         return None
     return body
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless the help already says it or there is
+    no default worth showing (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def walk_parsers(parser: argparse.ArgumentParser):
+    """`parser` and every subcommand's parser below it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from walk_parsers(child)
+
+
+def use_help_formatter(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give `parser` and all its subcommands `HelpFormatter` (defaults shown in --help)."""
+    for p in walk_parsers(parser):
+        p.formatter_class = HelpFormatter
+    return parser

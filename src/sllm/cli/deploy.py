@@ -77,11 +77,17 @@ def add_parser(sub) -> None:
     p.add_argument("--num-gpus", type=int, help="GPUs per instance (default 0).")
     p.add_argument("--min-instances", type=int, help="Instances kept warm (default 0).")
     p.add_argument("--max-instances", type=int, help="Instances at most (default 1).")
-    p.add_argument("--keep-alive", type=finite_float, help="Idle seconds before scale-down (60).")
+    p.add_argument(
+        "--keep-alive", type=finite_float, help="Idle seconds before scale-down (default 60)."
+    )
     p.add_argument("--target", type=int, dest="target_concurrency", help="Requests/instance.")
-    p.add_argument("--max-batch-size", type=int, help="Rows per batch in an instance (8).")
-    p.add_argument("--max-queue", type=int, help="Requests that may wait before 429 (64).")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--max-batch-size", type=int, help="Rows per batch in an instance (default 8).")
+    p.add_argument("--max-queue", type=int, help="Requests that may wait before 429 (default 64).")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="Weights' dtype (default auto: float32 on CPU, the stored dtype on GPU).",
+    )
     p.add_argument("--enable-lora", action="store_true", default=None, help="Serve adapters.")
     p.add_argument(
         "--lora-adapters", action="append", help='"name=PATH name2=PATH" (under the store).'

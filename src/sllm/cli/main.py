@@ -7,10 +7,18 @@ import sys
 
 from sllm.cli import delete as delete_cmd
 from sllm.cli import deploy as deploy_cmd
+from sllm.cli import jobs as jobs_cmd
 from sllm.cli import start as start_cmd
 from sllm.cli import status as status_cmd
+from sllm.cli.client import use_help_formatter
 
-COMMANDS = {"start": start_cmd, "deploy": deploy_cmd, "delete": delete_cmd, "status": status_cmd}
+COMMANDS = {
+    "start": start_cmd,
+    "deploy": deploy_cmd,
+    "delete": delete_cmd,
+    "status": status_cmd,
+    "jobs": jobs_cmd,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMANDS.values():
         module.add_parser(sub)
-    return parser
+    return use_help_formatter(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

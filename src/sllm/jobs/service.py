@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import ValidationError
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 from sllm.config import Settings
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.finetune.base import ValidationContext, get_backend
+from sllm.jobs import logs as worker_logs
 from sllm.jobs.db import FileGone, JobRecord, JobStore, OutputDirInUse, output_key
 from sllm.jobs.models import (
     FineTuningJob,
@@ -17,12 +19,16 @@ from sllm.jobs.models import (
     JobEvent,
     JobEventList,
     JobList,
+    JobLogs,
     JobProgress,
     JobStatusBody,
 )
 from sllm.jobs.resources import ResourcePool, require_fit
 from sllm.jobs.states import ACTIVE, TERMINAL, JobStatus
 from sllm.jobs.supervisor import Supervisor
+from sllm.paths import jobs_dir
+
+log = logging.getLogger(__name__)
 
 
 def validation_message(exc: ValidationError, prefix: str = "") -> tuple[str, str | None]:
@@ -36,7 +42,7 @@ def validation_message(exc: ValidationError, prefix: str = "") -> tuple[str, str
     return (f"`{param}`: {msg}." if param else f"{msg}."), param
 
 
-def to_wire(rec: JobRecord) -> FineTuningJob:
+def to_wire(rec: JobRecord, pending_reason: str | None = None) -> FineTuningJob:
     error = (
         JobError(message=rec.error_message, kind=rec.error_kind or "error")
         if rec.error_message and rec.status is JobStatus.FAILED
@@ -55,6 +61,7 @@ def to_wire(rec: JobRecord) -> FineTuningJob:
             error=error,
             progress=JobProgress(**rec.progress) if rec.progress else None,
             adapter_path=rec.adapter_path,
+            pending_reason=pending_reason if rec.status is JobStatus.PENDING else None,
         ),
     )
 
@@ -144,6 +151,14 @@ class JobService:
                 f"The uploaded file {gone.file_id} was deleted while the job was submitted.",
                 param="backend_config.dataset_config.file_id",
             ) from None
+        log.info(
+            "job %s submitted: model %s, %d CPUs, %d GPUs, priority %d",
+            rec.id,
+            req.model,
+            req.num_cpus,
+            req.num_gpus,
+            req.priority,
+        )
         self.supervisor.wake()
         return rec.id
 
@@ -158,7 +173,13 @@ class JobService:
         return rec
 
     def get(self, job_id: str) -> FineTuningJob:
-        return to_wire(self._get(job_id))
+        rec = self._get(job_id)
+        return to_wire(rec, self._reasons([rec]).get(rec.id))
+
+    def _reasons(self, records: list[JobRecord]) -> dict[str, str]:
+        """Why the pending ones of `records` wait."""
+        pending = [r for r in records if r.status is JobStatus.PENDING]
+        return self.supervisor.pending_reasons(pending) if pending else {}
 
     def list(self, limit: int = 20, after: str | None = None, status: str | None = None) -> JobList:
         if not 1 <= limit <= 1000:
@@ -173,7 +194,8 @@ class JobService:
         if after is not None and not self.store.exists(after):
             raise InvalidRequestError(f"`after`: no job with id {after!r}.", param="after")
         records, more = self.store.list(limit=limit, after=after, status=wanted)
-        return JobList(data=[to_wire(r) for r in records], has_more=more)
+        reasons = self._reasons(records)
+        return JobList(data=[to_wire(r, reasons.get(r.id)) for r in records], has_more=more)
 
     def events(self, job_id: str, limit: int = 100, after: int | None = None) -> JobEventList:
         self._get(job_id)
@@ -181,6 +203,40 @@ class JobService:
             raise InvalidRequestError("`limit` must be between 1 and 10000.", param="limit")
         rows, more = self.store.events(job_id, limit=limit, after=after)
         return JobEventList(data=[JobEvent(**r) for r in rows], has_more=more)
+
+    def logs(
+        self,
+        job_id: str,
+        tail: int | None = None,
+        offset: int | None = None,
+        limit: int | None = None,
+    ) -> JobLogs:
+        """The worker's log: its last `tail` lines (default), or `limit` bytes from `offset`."""
+        self._get(job_id)
+        path = jobs_dir(self.settings.storage_path) / job_id / "worker.log"
+        if tail is not None and (offset is not None or limit is not None):
+            raise InvalidRequestError(
+                "`tail` reads the end of the log; `offset`/`limit` page through it: send one or "
+                "the other.",
+                param="tail",
+            )
+        if offset is None and limit is None:
+            lines = worker_logs.DEFAULT_TAIL_LINES if tail is None else tail
+            _check_range("tail", lines, 1, worker_logs.MAX_TAIL_LINES)
+            page = worker_logs.read_tail(path, lines)
+        else:
+            offset = 0 if offset is None else offset
+            limit = worker_logs.DEFAULT_LIMIT_BYTES if limit is None else limit
+            _check_range("offset", offset, 0, 2**63 - 1)
+            _check_range("limit", limit, 1, worker_logs.MAX_LIMIT_BYTES)
+            page = worker_logs.read_range(path, offset, limit)
+        return JobLogs(
+            job_id=job_id,
+            offset=page.offset,
+            next_offset=page.next_offset,
+            size=page.size,
+            text=page.data.decode("utf-8", "replace"),
+        )
 
     def cancel(self, job_id: str) -> FineTuningJob:
         """Pending jobs end at once; running ones are marked and their worker group killed."""
@@ -197,6 +253,7 @@ class JobService:
             return self.cancel(job_id)  # it moved under us: answer for its new state
         if rec.status in (JobStatus.PENDING, JobStatus.PAUSED):  # no worker to reap: drop a
             self.supervisor.discard_scratch(job_id)  # re-queued or paused job's checkpoints
+            log.info("job %s cancelled while %s", job_id, rec.status.value)
         self.supervisor.wake()
         return to_wire(self._get(job_id))
 
@@ -242,3 +299,10 @@ class JobService:
             return self.resume(job_id)
         self.supervisor.wake()
         return to_wire(self._get(job_id))
+
+
+def _check_range(param: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidRequestError(
+            f"`{param}` must be between {low} and {high}, got {value}.", param=param
+        )

@@ -30,16 +30,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sllm.jobs.db import JobRecord, JobStore
+from sllm.jobs.db import JobRecord, JobStore, QueuedJob
 from sllm.jobs.launcher import Launcher, WorkerHandle, kill_stale_worker
 from sllm.jobs.messages import log_hint
-from sllm.jobs.resources import ResourcePool
+from sllm.jobs.resources import ResourcePool, wait_reason
 from sllm.jobs.states import TERMINAL, WORKER_REPORTED, ErrorKind, JobStatus
 from sllm.jobs.worker import EXIT_STOPPED
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 1.0
+REASON_TTL_S = 1.0  # a cached pending_reason is at most this old
 SWEEP_EVERY_S = 3600.0
 # What a job's scratch holds besides its worker log: checkpoints, the datasets cache, temp files,
 # epoch checkpoints (copied into the adapter when it is saved).
@@ -56,6 +57,27 @@ class Running:
     term_sent_at: float | None = None
     kill_sent: bool = False
     extra: dict = field(default_factory=dict)
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def _log_end(rec: JobRecord, rc: int) -> None:
+    """One INFO line for the operator when a job's worker is gone: how it ended, how long it
+    ran (a re-queued job says so: it runs again)."""
+    ran = _seconds_between(rec.started_time, rec.finished_time or rec.updated_time)
+    took = f" after {ran:.1f} s" if ran is not None else ""
+    if rec.status is JobStatus.PENDING:
+        log.info("job %s re-queued%s (worker exit code %s)", rec.id, took, rc)
+    elif rec.status is JobStatus.FAILED:
+        kind = rec.error_kind or "error"
+        log.info("job %s failed (%s)%s: %s", rec.id, kind, took, rec.error_message or "")
+    else:
+        step = (rec.progress or {}).get("step")
+        log.info("job %s %s%s at step %s", rec.id, rec.status.value, took, step)
 
 
 def _age_seconds(created_time: str) -> float:
@@ -93,6 +115,8 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
+        self._reasons_lock = threading.Lock()
+        self._reasons: tuple[tuple, dict[str, str]] = ((), {})
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -243,6 +267,8 @@ class Supervisor:
             rec = self.store.get(job_id)
             if rec is None or rec.status in TERMINAL:
                 self.discard_scratch(job_id)
+            if rec is not None:
+                _log_end(rec, rc)
 
     def discard_scratch(self, job_id: str) -> None:
         """A job that will not run again needs no checkpoints (it resumes only when re-queued),
@@ -413,6 +439,7 @@ class Supervisor:
                     f"capacity ({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs).",
                     error_kind=ErrorKind.UNSCHEDULABLE.value,
                 )
+                log.info("job %s failed: it can never fit this server's capacity", job.id)
                 self.discard_scratch(job.id)  # a re-queued job may have checkpoints
                 continue
             alloc = self.pool.try_acquire(job.id, job.num_cpus, job.num_gpus)
@@ -425,6 +452,78 @@ class Supervisor:
                 self.pool.release(job.id)
             if self.pool.free()[0] < 1:
                 return
+
+    def pending_reasons(self, records: list[JobRecord]) -> dict[str, str]:
+        """`pending_reason` of each of `records` (pending ones), cached until the queue or the
+        pool changes (or a second passes: a job may start starving), so a pending job polled by
+        many clients costs a dictionary lookup, not a look at the queue per poll."""
+        key = (
+            self.store.write_count,
+            self.pool.generation,
+            self.starvation_s,
+            int(time.monotonic() / REASON_TTL_S),
+        )
+        with self._reasons_lock:
+            if self._reasons[0] != key:
+                self._reasons = (key, {})
+            cached = self._reasons[1]
+            missing = [rec for rec in records if rec.id not in cached]
+        if missing:
+            fresh = self._compute_reasons(missing)
+            with self._reasons_lock:
+                if self._reasons[0] == key:
+                    self._reasons[1].update(fresh)
+            cached = {**cached, **fresh}
+        return {rec.id: cached[rec.id] for rec in records if rec.id in cached}
+
+    def _compute_reasons(self, records: list[JobRecord]) -> dict[str, str]:
+        """A few jobs are looked up on the index; a page of many reads the queue once."""
+        if len(records) <= 8:
+            return {rec.id: self.pending_reason(rec) for rec in records}
+        wanted = {rec.id for rec in records}
+        free_cpus, free_gpu_ids = self.pool.free()
+        reasons: dict[str, str] = {}
+        starving: QueuedJob | None = None
+        for ahead, job in enumerate(self.store.pending_in_order()):
+            if job.id in wanted:
+                reasons[job.id] = self._reason(job, ahead, free_cpus, len(free_gpu_ids), starving)
+            fits = job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)
+            if (
+                starving is None
+                and not fits
+                and _age_seconds(job.created_time) >= self.starvation_s
+            ):
+                starving = job
+        return reasons
+
+    def pending_reason(self, rec: JobRecord) -> str:
+        """Why a pending job waits, by the rules `_schedule` applies: what it needs against what
+        is free now, how many jobs are ahead of it in the queue, and whether a starving job
+        ahead (waited over `starvation_s`, does not fit) reserves the next free resources."""
+        free_cpus, free_gpu_ids = self.pool.free()
+        ahead, heads = self.store.queue_ahead(rec.priority, rec.seq)
+        starving = None
+        for job in heads:
+            fits = job.num_cpus <= free_cpus and job.num_gpus <= len(free_gpu_ids)
+            if not fits and _age_seconds(job.created_time) >= self.starvation_s:
+                starving = job
+                break
+        return self._reason(rec, ahead, free_cpus, len(free_gpu_ids), starving)
+
+    def _reason(self, job, ahead: int, free_cpus: int, free_gpus: int, starving) -> str:
+        if not self.pool.fits_ever(job.num_cpus, job.num_gpus):
+            return (
+                f"needs {job.num_cpus} CPUs and {job.num_gpus} GPUs, more than the capacity "
+                f"({self.pool.total_cpus} CPUs, {self.pool.total_gpus} GPUs); it fails on the "
+                "next scheduling pass"
+            )
+        reason = wait_reason(job.num_cpus, job.num_gpus, free_cpus, free_gpus, ahead)
+        if starving is not None:
+            reason += (
+                f"; {starving.id} ahead has waited over {self.starvation_s:g} s and reserves the "
+                "next free resources"
+            )
+        return reason
 
     def _launch(self, rec: JobRecord, alloc) -> bool:
         if not self.store.transition(
@@ -447,6 +546,14 @@ class Supervisor:
             )
             return False
         self.store.set_worker(rec.id, handle.pid, handle.host)
+        log.info(
+            "job %s started: %d CPUs, GPUs %s, worker pid %s, after %.1f s in the queue",
+            rec.id,
+            alloc.cpus,
+            list(alloc.gpu_ids),
+            handle.pid,
+            _age_seconds(rec.created_time),
+        )
         self._running[rec.id] = Running(
             job_id=rec.id,
             handle=handle,

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from sllm.errors import InvalidRequestError, NotFoundError, OverloadedError, SllmError
+from sllm.metrics.timing import mark_first_token
 from sllm.serve.errors import InstanceError
 
 
@@ -86,6 +87,8 @@ class GenerationStream:
         try:
             while True:
                 event = await self._next()
+                if event.get("type") == "text":
+                    mark_first_token()  # TTFT of the request this runs for (see sllm.metrics)
                 yield event
                 if event.get("type") in ("done", "error"):
                     return

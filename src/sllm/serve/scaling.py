@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Scaler:
         self.stop_grace = stop_grace
         self.reap_interval = reap_interval
         self._deps: dict[str, Deployment] = {}
+        self.cold_starts: Counter[str] = Counter()  # instances started, by model (for /metrics)
         self._lock = threading.RLock()
         self._changed = Notifier()
         self._http = httpx.Client(timeout=httpx.Timeout(120.0, connect=10.0))
@@ -189,6 +191,7 @@ class Scaler:
         if alloc is None:
             return None
         dep.counter += 1
+        self.cold_starts[cfg.model] += 1
         name = f"{cfg.model.replace('/', '--')}-{dep.counter}"
         proc = self.process_factory(self.workdir, name)
         inst = Instance(f"{cfg.model}#{dep.counter}", owner, alloc, proc, cfg.max_batch_size)

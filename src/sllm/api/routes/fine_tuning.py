@@ -25,6 +25,7 @@ from sllm.jobs.models import (
     FineTuningJobRequest,
     JobEventList,
     JobList,
+    JobLogs,
     SubmitResponse,
 )
 from sllm.jobs.service import JobService
@@ -115,6 +116,24 @@ async def job_events(
 ) -> Response:
     """State changes, loss points and errors of a job, oldest first."""
     return _json(_jobs(request).events(fine_tuning_job_id, limit=limit, after=after))
+
+
+@_route(
+    "GET",
+    "/jobs/{fine_tuning_job_id}/logs",
+    response_model=JobLogs,
+    responses=error_responses(404),
+)
+def job_logs(
+    fine_tuning_job_id: str,
+    request: Request,
+    tail: int | None = Query(None, ge=-INT64_MAX - 1, le=INT64_MAX, description="Last N lines."),
+    offset: int | None = Query(None, ge=-INT64_MAX - 1, le=INT64_MAX, description="Byte offset."),
+    limit: int | None = Query(None, ge=-INT64_MAX - 1, le=INT64_MAX, description="Bytes to read."),
+) -> Response:
+    """The worker's log: its last `tail` lines (200 by default), or `limit` bytes from `offset`
+    (follow a growing log by asking again from `next_offset`)."""
+    return _json(_jobs(request).logs(fine_tuning_job_id, tail=tail, offset=offset, limit=limit))
 
 
 @_route(

@@ -1,0 +1,117 @@
+"""Gauges and totals read from the services' own state at scrape time.
+
+Jobs by status, queue waits, trained tokens and tokens/s come from the job store (so they survive
+a restart and are never counted twice); CPUs/GPUs from the resource pool; instances and cold
+starts from the deployment service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from sllm.jobs.states import JobStatus
+from sllm.metrics.requests import RequestMetrics
+
+QUEUE_WAIT_BUCKETS = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0]
+INSTANCE_STATES = ("starting", "ready", "stopping")
+
+
+class ServicesCollector(Collector):
+    """Reads the services `get_services()` returns (None before the server started: nothing)."""
+
+    def __init__(self, get_services: Callable[[], Any]) -> None:
+        self.get_services = get_services
+
+    def collect(self) -> Iterator[Metric]:
+        services = self.get_services()
+        if services is None:
+            return
+        yield from _job_metrics(services.store)
+        yield _resources(services.pool)
+        if services.deployments is not None:
+            yield from _serving(services.deployments)
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic: the registry must not call `collect` at registration
+
+
+def _job_metrics(store) -> Iterator[Metric]:
+    counts = store.count_by_status()
+    jobs = GaugeMetricFamily(
+        "sllm_fine_tuning_jobs", "Fine-tuning jobs by status.", labels=["status"]
+    )
+    for status in JobStatus:
+        jobs.add_metric([status.value], counts.get(status.value, 0))
+    yield jobs
+    cumulative, count, total = store.queue_waits(QUEUE_WAIT_BUCKETS)
+    buckets = [(repr(b), c) for b, c in zip(QUEUE_WAIT_BUCKETS, cumulative, strict=True)]
+    yield HistogramMetricFamily(
+        "sllm_fine_tuning_queue_wait_seconds",
+        "Seconds from a job's submission to its (latest) start.",
+        buckets=[*buckets, ("+Inf", count)],
+        sum_value=total,
+    )
+    yield CounterMetricFamily(
+        "sllm_fine_tuning_trained_tokens",
+        "Tokens trained on, summed over every job's progress.",
+        value=store.trained_tokens_total(),
+    )
+    speed = GaugeMetricFamily(
+        "sllm_fine_tuning_tokens_per_second",
+        "Training throughput of each running job.",
+        labels=["job_id"],
+    )
+    for job_id, value in sorted(store.running_speeds().items()):
+        speed.add_metric([job_id], value)
+    yield speed
+
+
+def _resources(pool) -> Metric:
+    free_cpus, free_gpus = pool.free()
+    gauge = GaugeMetricFamily(
+        "sllm_resources",
+        "CPU cores and GPUs of the pool shared by jobs and instances, free or held.",
+        labels=["kind", "state"],
+    )
+    gauge.add_metric(["cpu", "free"], free_cpus)
+    gauge.add_metric(["cpu", "held"], pool.total_cpus - free_cpus)
+    gauge.add_metric(["gpu", "free"], len(free_gpus))
+    gauge.add_metric(["gpu", "held"], pool.total_gpus - len(free_gpus))
+    return gauge
+
+
+def _serving(deployments) -> Iterator[Metric]:
+    instances = GaugeMetricFamily(
+        "sllm_instances", "Inference instances by model and state.", labels=["model", "state"]
+    )
+    for dep in deployments.status().data:
+        states = [i.state for i in dep.instances]
+        for state in sorted(set(INSTANCE_STATES) | set(states)):
+            instances.add_metric([dep.model, state], states.count(state))
+    yield instances
+    cold = CounterMetricFamily(
+        "sllm_cold_starts",
+        "Instances started (cold starts), by model.",
+        labels=["model"],
+    )
+    for model, n in sorted(getattr(deployments, "cold_starts", {}).items()):
+        cold.add_metric([model], n)
+    yield cold
+
+
+def build_registry(get_services: Callable[[], Any]) -> tuple[CollectorRegistry, RequestMetrics]:
+    """A registry of its own for one app: request metrics plus the services collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    requests = RequestMetrics(registry)
+    registry.register(ServicesCollector(get_services))
+    return registry, requests
