@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from sllm import __version__
 from sllm.api.edge import EdgeMiddleware
 from sllm.api.errors import drop_validation_422, install_error_handlers
-from sllm.api.routes import fine_tuning, serving
+from sllm.api.routes import console, fine_tuning, resources, serving
 from sllm.config import Settings
 from sllm.services import Services
 
@@ -114,6 +114,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.include_router(fine_tuning.router)
     app.include_router(serving.router)
+    app.include_router(resources.router)
+    console.mount(app)
     _document_errors(app)
 
     @app.get("/health", tags=["server"])
