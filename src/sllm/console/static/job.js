@@ -185,7 +185,7 @@ export function jobView(root, id) {
     if (!out || !name) { message.replaceChildren(h("span", { class: "error" }, "An adapter name is needed.")); return; }
     deployBtn.disabled = true;
     try {
-      const dep = await api("/v1/deployments", { method: "POST", json: { model: cfg.model, lora_adapters: { [name]: out } } });
+      const dep = await api("/v1/deployments", { method: "POST", json: { model: cfg.model, enable_lora: true, lora_adapters: { [name]: out } } });
       message.replaceChildren(`Deployed as adapter "${name}" of ${dep.model}. `, h("a", { href: "#/models" }, "Open deployments"));
     } catch (e) {
       message.replaceChildren(h("span", { class: "error" }, e.message));

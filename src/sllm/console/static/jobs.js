@@ -3,7 +3,6 @@
 import { age, api, badge, duration, h, num, poll } from "./api.js";
 
 const STATUSES = ["", "pending", "running", "completed", "failed", "cancelled"];
-const PAGE = 20;
 
 export function progressCell(p) {
   if (!p || !p.total_steps) return p && p.step ? `step ${p.step}` : "-";
@@ -14,6 +13,7 @@ export function progressCell(p) {
 
 export function jobsView(root, query) {
   const status = query.get("status") || "";
+  const pageSize = Math.max(1, Number(query.get("limit")) || 20);
   const cursors = []; // `after` of each page before this one
   let after = null;
   const body = h("tbody", { id: "jobs-body" });
@@ -37,7 +37,7 @@ export function jobsView(root, query) {
   );
 
   async function refresh() {
-    const params = new URLSearchParams({ limit: String(PAGE) });
+    const params = new URLSearchParams({ limit: String(pageSize) });
     if (status) params.set("status", status);
     if (after) params.set("after", after);
     const list = await api(`/v1/fine_tuning/jobs?${params}`);

@@ -26,7 +26,7 @@ const SECTIONS = [
     [`${DS}.extension_type`, "Format", "select", "json", "local", ["", "json", "csv", "parquet", "text"]],
     [`${DS}.hf_dataset_name`, "Dataset name", "text", "", "hf_hub"],
     [`${DS}.file_id`, "Uploaded file", "file", "", "file"],
-    [`${DS}.tokenization_field`, "Text field", "text", "prompt"],
+    [`${DS}.tokenization_field`, "Text field (required)", "text", ""],
     [`${DS}.split`, "Split", "text", "train"],
   ]],
   ["LoRA", LORA, [
@@ -70,7 +70,10 @@ function setPath(obj, path, value) {
 export function newJobView(root) {
   const cloned = JSON.parse(sessionStorage.getItem(CLONE_KEY) || "null");
   sessionStorage.removeItem(CLONE_KEY);
-  const base = cloned ? cloned.config : { ft_backend: "peft_lora" };
+  const base = cloned ? cloned.config : {
+    ft_backend: "peft_lora",
+    backend_config: { dataset_config: { dataset_source: "local", tokenization_field: "prompt" } },
+  };
   const inputs = new Map(); // param -> input element
   const wrappers = new Map(); // param -> .field / fieldset element (where its error shows)
   const preview = h("pre", { id: "request-preview" });
