@@ -170,6 +170,8 @@ def test_job_page_chart_grows_while_the_job_runs(srv, browser, jobs):
     wait(browser, lambda d: _points(d) > seen, what="the chart to gain points")
     chart = browser.find_element(By.ID, "loss-chart")
     assert chart.find_elements(By.CSS_SELECTOR, "polyline.series-Train")
+    lr = browser.find_element(By.ID, "lr-chart")  # the schedule, from the loss events
+    assert lr.is_displayed() and int(lr.get_attribute("data-points")) >= 2
     events = browser.find_elements(By.CSS_SELECTOR, "#events-body tr[data-type=loss]")
     assert len(events) >= seen
     config = browser.find_element(By.ID, "job-config").text
@@ -197,6 +199,8 @@ def test_cancel_from_the_job_page(srv, browser, jobs):
         "cancelled"
     )
     assert not browser.find_element(By.ID, "cancel-job").is_enabled()
+    go(browser, srv, "#/job/job-0000000000000000")
+    wait(browser, lambda d: "job-0000000000000000" in d.find_element(By.ID, "job-missing").text)
 
 
 def test_completed_job_files_deploy_and_models_page(srv, browser, jobs):

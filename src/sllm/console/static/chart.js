@@ -1,6 +1,6 @@
 // A small SVG line chart: series of (x, y) points on shared axes, redrawn in place as they grow.
 const NS = "http://www.w3.org/2000/svg";
-const W = 960, H = 300, PAD = { l: 56, r: 14, t: 12, b: 30 };
+const W = 960, PAD = { l: 56, r: 14, t: 12, b: 30 };
 
 function node(tag, attrs, text) {
   const n = document.createElementNS(NS, tag);
@@ -27,7 +27,7 @@ function fmt(v) {
 }
 
 // series: [{name, color, points: [[x, y], ...], dots}]; `svg` is cleared and redrawn.
-export function drawChart(svg, series, { xLabel = "step", empty = "No points yet." } = {}) {
+export function drawChart(svg, series, { xLabel = "step", empty = "No points yet.", height: H = 300 } = {}) {
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
   const all = series.flatMap((s) => s.points).filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y));

@@ -119,7 +119,7 @@ export function jobView(root, id) {
     ], { empty: "No loss points yet: they appear as the job trains." });
     document.getElementById("valid-legend").hidden = !valid.length;
     lrBox.hidden = !lr.length;
-    if (lr.length) drawChart(lrChart, [{ name: "learning rate", color: "#1f8a4c", points: lr }]);
+    if (lr.length) drawChart(lrChart, [{ name: "learning rate", color: "#1f8a4c", points: lr }], { height: 150 });
   }
 
   async function loadLog() {
@@ -151,7 +151,17 @@ export function jobView(root, id) {
   let tick = 0;
   async function refresh() {
     if (finalRound) return;
-    job = await api(base);
+    try {
+      job = await api(base);
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 404) {
+        finalRound = true;
+        root.replaceChildren(h("h1", {}, "No such job"), h("p", { class: "error", id: "job-missing" }, e.message),
+          h("a", { href: "#/jobs" }, "All jobs"));
+        return;
+      }
+      throw e;
+    }
     const done = TERMINAL.has(job.status.status);
     showStats();
     await loadEvents();
