@@ -92,6 +92,7 @@ def _submit(srv, **overrides) -> str:
     return r.json()["job_id"]
 
 
+@pytest.mark.slow
 def test_capacity_names_the_job_holding_cpus(srv):
     before = srv.client.get("/v1/capacity").json()
     assert before == {
@@ -116,6 +117,7 @@ def test_capacity_names_the_job_holding_cpus(srv):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_adapter_files_of_a_job(srv):
     job = _submit(srv, training_config={"max_steps": 2}, output_dir="tiny/adapters/files")
     for spelling in ("fine_tuning", "fine-tuning"):  # before it is saved: no path, no files
