@@ -173,8 +173,10 @@ def test_job_page_chart_grows_while_the_job_runs(srv, browser, jobs):
     wait(browser, lambda d: _points(d) > seen, what="the chart to gain points")
     chart = browser.find_element(By.ID, "loss-chart")
     assert chart.find_elements(By.CSS_SELECTOR, "polyline.series-Train")
-    lr = browser.find_element(By.ID, "lr-chart")  # the schedule, from the loss events
-    assert lr.is_displayed() and int(lr.get_attribute("data-points")) >= 2
+    # the schedule is charted where the loss events carry the learning rate
+    events = srv.client.get(f"/v1/fine_tuning/jobs/{jobs['long']}/events?limit=1000").json()
+    with_lr = [e for e in events["data"] if "learning_rate" in (e["data"] or {})]
+    assert browser.find_element(By.ID, "lr-chart").is_displayed() == bool(with_lr)
     events = browser.find_elements(By.CSS_SELECTOR, "#events-body tr[data-type=loss]")
     assert len(events) >= seen
     config = browser.find_element(By.ID, "job-config").text
@@ -271,6 +273,35 @@ def test_new_job_form_shows_the_400_by_its_field_then_submits(srv, browser, jobs
     assert cfg["model"] == "tiny/llama" and cfg["ft_backend"] == "peft_lora"
     assert cfg["backend_config"]["training_config"] == {"learning_rate": 0.01, "max_steps": 3}
     assert cfg["backend_config"]["dataset_config"]["tokenization_field"] == "prompt"
+
+
+def test_form_offers_an_upload_only_where_the_files_api_answers(srv, browser, jobs):
+    go(browser, srv, "#/new")
+    ds = "backend_config.dataset_config"
+    source = wait(browser, lambda d: d.find_element(By.NAME, f"{ds}.dataset_source"))
+    wait(browser, lambda d: "tiny/llama" in d.find_element(By.NAME, "model").text)
+    offered = [o.get_attribute("value") for o in Select(source).options]
+    has_files = srv.client.get("/v1/files").status_code == 200
+    assert offered == (["local", "hf_hub", "file"] if has_files else ["local", "hf_hub"])
+    if not has_files:
+        return
+    Select(browser.find_element(By.NAME, "model")).select_by_value("tiny/llama")
+    Select(source).select_by_value("file")
+    browser.find_element(By.ID, "dataset-file").send_keys(str(srv.storage / "data/train.jsonl"))
+    status = browser.find_element(By.ID, "upload-status")
+    wait(browser, lambda d: status.text.startswith("uploaded as file-"), what="the upload")
+    file_id = status.text.removeprefix("uploaded as ")
+    _fill(browser, "backend_config.output_dir", "tiny/adapters/uploaded")
+    _fill(browser, "backend_config.training_config.max_steps", "2")
+    browser.find_element(By.ID, "submit-job").click()
+    wait(browser, lambda d: "#/job/job-" in d.current_url, what="the job page")
+    job_id = browser.current_url.split("#/job/")[-1]
+    cfg = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]["config"]
+    assert cfg["backend_config"]["dataset_config"] == {
+        "dataset_source": "file",
+        "file_id": file_id,
+        "tokenization_field": "prompt",
+    }
 
 
 def test_clone_prefills_the_form(srv, browser, jobs):

@@ -434,7 +434,7 @@ class TrainingTracker:
             self.reporter.event(
                 "loss",
                 f"step {step}/{total}: loss {loss:.4f}" if loss is not None else f"step {step}",
-                {"step": step, "loss": loss, "learning_rate": self.last_lr},
+                {"step": step, "loss": loss},
             )
         self.report(state)
 

@@ -5,7 +5,9 @@ import { drawChart } from "./chart.js";
 import { progressCell } from "./jobs.js";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-const LOG_TAIL = 64 * 1024;
+const LOG_TAIL_LINES = 500;
+const LOG_PAGE_BYTES = 256 * 1024;
+const LOG_KEEP_CHARS = 512 * 1024;
 
 export const CLONE_KEY = "sllm.cloneConfig";
 
@@ -122,18 +124,28 @@ export function jobView(root, id) {
     if (lr.length) drawChart(lrChart, [{ name: "learning rate", color: "#1f8a4c", points: lr }], { height: 150 });
   }
 
+  // The worker's log: its last lines first, then only what was appended (`next_offset`).
+  let logOffset = null, logText = "";
   async function loadLog() {
     try {
-      const out = await api(`${base}/logs?tail=${LOG_TAIL}`);
-      const text = out.text || "(empty)";
-      if (log.textContent !== text) {
-        const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-        log.textContent = text;
-        if (atEnd) log.scrollTop = log.scrollHeight;
+      const out = logOffset === null
+        ? await api(`${base}/logs?tail=${LOG_TAIL_LINES}`)
+        : await api(`${base}/logs?offset=${logOffset}&limit=${LOG_PAGE_BYTES}`);
+      if (logOffset !== null && typeof out.size === "number" && out.size < logOffset) {
+        logOffset = null; // the log was started over: read its tail again
+        logText = "";
+        return;
       }
+      if (typeof out.next_offset === "number") logOffset = out.next_offset;
+      const added = out.text || "";
+      if (!added && logText) return;
+      logText = (logText + added).slice(-LOG_KEEP_CHARS);
+      const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      log.textContent = logText || "(the log is empty so far)";
+      if (atEnd) log.scrollTop = log.scrollHeight;
     } catch (e) {
-      if (e instanceof ApiError && (e.status === 404 || e.status === 405)) log.textContent = "Worker log not available.";
-      else throw e;
+      if (!(e instanceof ApiError)) throw e;
+      log.textContent = e.status === 404 || e.status === 405 ? "Worker log not available." : `Cannot read the log: ${e.message}`;
     }
   }
 
