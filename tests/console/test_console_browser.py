@@ -185,6 +185,15 @@ def test_job_page_chart_grows_while_the_job_runs(srv, browser, jobs):
     assert "learning rate" in stats and "tokens/s" in stats
     log = browser.find_element(By.ID, "worker-log")
     wait(browser, lambda d: log.text and log.text != "loading...", what="the worker log panel")
+    logs = srv.client.get(f"/v1/fine_tuning/jobs/{jobs['long']}/logs")
+    if logs.status_code == 404:  # a server without the logs route: the panel says so
+        assert log.text == "Worker log not available."
+    else:  # the log itself, followed as it grows (the Trainer prints a line per logged step)
+        assert logs.status_code == 200, logs.text
+        lines = lambda d: log.get_attribute("textContent").count("'loss': ")  # noqa: E731
+        wait(browser, lambda d: lines(d) >= 1, what="the worker's log lines")
+        shown = lines(browser)
+        wait(browser, lambda d: lines(d) > shown, what="the worker's log to grow")
 
 
 def test_capacity_shows_the_running_job(srv, browser, jobs):
