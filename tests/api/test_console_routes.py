@@ -55,7 +55,9 @@ def test_shell_loads_without_a_key_and_holds_no_data(srv):
             "style.css",
         ):
             assert anon.get(f"/console/{asset}").status_code == 200, asset
-        assert anon.get("/console/nope.js").status_code == 404
+        # exactly the shipped files open, not the prefix
+        assert anon.get("/console/nope.js").status_code == 401
+        assert srv.client.get("/console/nope.js").status_code == 404
         # everything with data still needs the key
         for path in ("/v1/fine_tuning/jobs", "/v1/store/models", "/v1/capacity"):
             r = anon.get(path)

@@ -114,8 +114,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.include_router(fine_tuning.router)
     app.include_router(serving.router)
-    app.include_router(resources.router)
-    console.mount(app)
     _document_errors(app)
 
     @app.get("/health", tags=["server"])
@@ -123,4 +121,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         """Liveness probe."""
         return {"status": "ok", "version": __version__}
 
+    app.include_router(resources.router)
+    console.mount(app)  # `/` and /console/...: the web console
     return app

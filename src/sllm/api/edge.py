@@ -3,10 +3,10 @@
 A pure ASGI middleware, so nothing a client sends reaches a route (or the job store) before it has
 passed these checks:
 
-- API keys: with keys configured, every route but `/health` and the console's static shell
-  (`/`, `/console/...`, which hold no data) needs `Authorization: Bearer KEY`
-  (compared in constant time); a missing or wrong key is OpenAI's 401 `invalid_api_key`, so the
-  OpenAI SDK's `api_key` just works.
+- API keys: with keys configured, every route but `/health` and the console's static files
+  (`sllm.console.STATIC_PATHS`: the page and its scripts, no data) needs
+  `Authorization: Bearer KEY` (compared in constant time); a missing or wrong key is OpenAI's
+  401 `invalid_api_key`, so the OpenAI SDK's `api_key` just works.
 - Body size: a body over `max_body_bytes` is a 413 before it is read further (by its
   `Content-Length`, or as it streams in); nothing is stored.
 - JSON hygiene: the body must parse as strict JSON (no `NaN`/`Infinity`, no float that overflows to
@@ -30,6 +30,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from sllm import console
 from sllm.api.errors import error_body, send_json
 from sllm.config import DEFAULT_MAX_BODY_BYTES
 from sllm.jobs.models import INT64_MAX
@@ -38,16 +39,7 @@ MAX_DEPTH = 64
 MAX_KEY_CHARS = 256
 INT64_MIN = -INT64_MAX - 1
 log = logging.getLogger(__name__)
-OPEN_PATHS = frozenset({"/health", "/"})  # liveness probes and the console shell carry no key
-# The console's static files (HTML, JS, CSS: no data) load without a key; the page then asks for
-# the key and sends it with every API call it makes.
-OPEN_PREFIXES = ("/console/",)
-
-
-def is_open(path: str) -> bool:
-    """True for the paths every client may read without an API key."""
-    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-
+OPEN_PATHS = frozenset({"/health", *console.STATIC_PATHS})  # liveness probes, the console shell
 
 # In any string: NUL (no C API, path or tokenizer takes it) and unpaired surrogates (no UTF-8
 # encoder does). In keys (names of fields and columns) every control character but none of
@@ -201,7 +193,7 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.keys and not is_open(scope["path"]) and not self._authorised(scope):
+        if self.keys and scope["path"] not in OPEN_PATHS and not self._authorised(scope):
             await send_json(
                 send, 401, self._unauthorised_body(scope), {"WWW-Authenticate": "Bearer"}
             )

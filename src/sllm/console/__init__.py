@@ -10,3 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 STATIC_DIR = Path(__file__).parent / "static"
+# What the edge lets through without an API key: the page and its files, exactly (not a prefix:
+# nothing else under /console/ opens).
+STATIC_PATHS = frozenset(
+    {"/", *(f"/console/{p.name}" for p in STATIC_DIR.iterdir() if p.is_file())}
+)

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-from pathlib import Path
-from typing import Literal
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from sllm.api.errors import error_responses
 from sllm.jobs.models import (
@@ -129,52 +126,3 @@ async def job_events(
 def cancel_job(fine_tuning_job_id: str, request: Request) -> FineTuningJob:
     """Cancel a pending or running job; its worker is killed and its resources freed."""
     return _jobs(request).cancel(fine_tuning_job_id)
-
-
-MAX_ADAPTER_FILES = 1000
-
-
-class AdapterFile(BaseModel):
-    name: str = Field(description="Path relative to the adapter's directory.")
-    size_bytes: int
-
-
-class AdapterFiles(BaseModel):
-    """The files a job's adapter directory holds (empty until the job has saved one)."""
-
-    object: Literal["fine_tuning.job.adapter"] = "fine_tuning.job.adapter"
-    job_id: str
-    path: str | None = Field(description="The adapter's directory; null until it is saved.")
-    files: list[AdapterFile]
-    truncated: bool = False
-
-
-def adapter_files(job_id: str, path: str | None) -> AdapterFiles:
-    """Regular files under `path`, sorted; symlinks are not followed (nothing outside is shown)."""
-    files: list[AdapterFile] = []
-    root = Path(path) if path else None
-    if root is None or not root.is_dir():
-        return AdapterFiles(job_id=job_id, path=path, files=[])
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            if full.is_symlink() or not full.is_file():
-                continue
-            if len(files) == MAX_ADAPTER_FILES:
-                return AdapterFiles(job_id=job_id, path=path, files=files, truncated=True)
-            rel = full.relative_to(root).as_posix()
-            files.append(AdapterFile(name=rel, size_bytes=full.stat().st_size))
-    return AdapterFiles(job_id=job_id, path=path, files=files)
-
-
-@_route(
-    "GET",
-    "/jobs/{fine_tuning_job_id}/adapter",
-    response_model=AdapterFiles,
-    responses=error_responses(404),
-)
-def job_adapter(fine_tuning_job_id: str, request: Request) -> AdapterFiles:
-    """The names and sizes of the files in a job's saved adapter (read-only)."""
-    job = _jobs(request).get(fine_tuning_job_id)
-    return adapter_files(job.id, job.status.adapter_path)
