@@ -288,7 +288,10 @@ def test_form_offers_an_upload_only_where_the_files_api_answers(srv, browser, jo
     go(browser, srv, "#/new")
     ds = "backend_config.dataset_config"
     source = wait(browser, lambda d: d.find_element(By.NAME, f"{ds}.dataset_source"))
-    wait(browser, lambda d: "tiny/llama" in d.find_element(By.NAME, "model").text)
+    form = lambda d: d.find_element(By.ID, "new-job-form")  # noqa: E731
+    wait(
+        browser, lambda d: form(d).get_attribute("data-ready") == "true", what="the form's choices"
+    )
     offered = [o.get_attribute("value") for o in Select(source).options]
     has_files = srv.client.get("/v1/files").status_code == 200
     assert offered == (["local", "hf_hub", "file"] if has_files else ["local", "hf_hub"])
@@ -296,10 +299,17 @@ def test_form_offers_an_upload_only_where_the_files_api_answers(srv, browser, jo
         return
     Select(browser.find_element(By.NAME, "model")).select_by_value("tiny/llama")
     Select(source).select_by_value("file")
-    browser.find_element(By.ID, "dataset-file").send_keys(str(srv.storage / "data/train.jsonl"))
+    picker = browser.find_element(By.ID, "dataset-file")
     status = browser.find_element(By.ID, "upload-status")
+    # a file the Files API refuses: its 400 shows by the upload field
+    picker.send_keys(str(srv.storage / "data" / "train.jsonl"))  # {"prompt": ...} rows only
+    wait(browser, lambda d: "line 1" in _field_error(d, f"{ds}.file_id"), what="the upload's 400")
+    rows = srv.storage / "data" / "upload.jsonl"
+    rows.write_text("".join(f'{{"text": "Ahoy number {i}, matey."}}\n' for i in range(12)))
+    picker.send_keys(str(rows))
     wait(browser, lambda d: status.text.startswith("uploaded as file-"), what="the upload")
     file_id = status.text.removeprefix("uploaded as ")
+    _fill(browser, f"{ds}.tokenization_field", "text")
     _fill(browser, "backend_config.output_dir", "tiny/adapters/uploaded")
     _fill(browser, "backend_config.training_config.max_steps", "2")
     browser.find_element(By.ID, "submit-job").click()
@@ -309,7 +319,7 @@ def test_form_offers_an_upload_only_where_the_files_api_answers(srv, browser, jo
     assert cfg["backend_config"]["dataset_config"] == {
         "dataset_source": "file",
         "file_id": file_id,
-        "tokenization_field": "prompt",
+        "tokenization_field": "text",
     }
 
 

@@ -126,6 +126,8 @@ export function newJobView(root) {
     const file = e.target.files[0];
     const status = document.getElementById("upload-status");
     if (!file) return;
+    clearErrors();
+    inputs.get(`${DS}.file_id`).value = "";
     status.textContent = "uploading...";
     const data = new FormData();
     data.append("purpose", "fine-tune");
@@ -137,7 +139,7 @@ export function newJobView(root) {
       update();
     } catch (err) {
       status.textContent = "";
-      showError(err, `${DS}.file_id`);
+      showError({ message: err.message }, `${DS}.file_id`); // the Files API's `param` is its own `file`
     }
   }
 
@@ -234,6 +236,7 @@ export function newJobView(root) {
     if (filesApi) inputs.get(`${DS}.dataset_source`).append(h("option", { value: "file" }, "uploaded file"));
     prefill();
     update();
+    form.dataset.ready = "true"; // models and sources are known
   }
 
   prefill();
