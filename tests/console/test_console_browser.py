@@ -342,6 +342,30 @@ def test_clone_prefills_the_form(srv, browser, jobs):
     assert '"save_strategy": "no"' in preview  # kept though the form has no field for it
 
 
+def test_validation_loss_is_charted_beside_the_training_loss(srv, browser, jobs):
+    cfg = job_config(
+        srv.storage,
+        training_config={"max_steps": 30, "logging_steps": 1},
+        output_dir="tiny/adapters/validated",
+    )
+    cfg["backend_config"]["dataset_config"]["validation_split"] = 0.25
+    r = srv.client.post("/v1/fine_tuning/jobs", json=cfg)
+    if r.status_code == 400 and "validation_split" in (r.json()["error"]["param"] or ""):
+        pytest.skip("this server has no validation split (issue #10)")
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    srv.wait_status(job_id, {"completed"})
+    events = srv.client.get(f"/v1/fine_tuning/jobs/{job_id}/events?limit=1000").json()["data"]
+    valid = [e for e in events if isinstance((e["data"] or {}).get("valid_loss"), float)]
+    assert len(valid) >= 2
+    go(browser, srv, f"#/job/{job_id}")
+    chart = lambda d: d.find_element(By.ID, "loss-chart")  # noqa: E731
+    wait(browser, lambda d: chart(d).get_attribute("data-points-valid") == str(len(valid)))
+    assert chart(browser).find_elements(By.CSS_SELECTOR, "polyline.series-Valid")
+    assert browser.find_element(By.ID, "valid-legend").is_displayed()
+    screenshot(browser, "console-job.png")  # the README's, with both curves where there are two
+
+
 def test_without_keys_the_console_opens_straight_away(tmp_path_factory, tiny_model_src, browser):
     server = stored_server(tmp_path_factory.mktemp("open") / "store", tiny_model_src)
     try:
