@@ -7,6 +7,16 @@ cd "$(dirname "$0")/.."
 VENV="${SLLM_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 
+# The console's browser tests (tests/console/) drive Debian's chromium and chromedriver: install
+# them when missing and apt is ours to use; elsewhere those tests skip and say why.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "==> installing chromium and chromium-driver (console browser tests)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        chromium chromium-driver >/dev/null; } || echo "==> could not install chromium"
+  fi
+fi
+
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request, Response
 from sllm import __version__
 from sllm.api.edge import OPEN_PATHS, EdgeMiddleware
 from sllm.api.errors import drop_validation_422, error_responses, install_error_handlers
-from sllm.api.routes import files, fine_tuning, openai_ft, serving
+from sllm.api.routes import console, files, fine_tuning, openai_ft, resources, serving
 from sllm.config import Settings
 from sllm.metrics.collector import build_registry
 from sllm.metrics.requests import MetricsMiddleware
@@ -145,4 +145,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         body = generate_latest(request.app.state.metrics_registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(resources.router)
+    console.mount(app)  # `/` and /console/...: the web console
     return app

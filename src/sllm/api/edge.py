@@ -3,9 +3,10 @@
 A pure ASGI middleware, so nothing a client sends reaches a route (or the job store) before it has
 passed these checks:
 
-- API keys: with keys configured, every route but `/health` needs `Authorization: Bearer KEY`
-  (compared in constant time); a missing or wrong key is OpenAI's 401 `invalid_api_key`, so the
-  OpenAI SDK's `api_key` just works.
+- API keys: with keys configured, every route but `/health` and the console's static files
+  (`sllm.console.STATIC_PATHS`: the page and its scripts, no data) needs
+  `Authorization: Bearer KEY` (compared in constant time); a missing or wrong key is OpenAI's
+  401 `invalid_api_key`, so the OpenAI SDK's `api_key` just works.
 - Body size: a body over `max_body_bytes` is a 413 before it is read further (by its
   `Content-Length`, or as it streams in); nothing is stored.
 - Uploads: a `multipart/form-data` POST to one of `streamed_paths` (the Files API) is passed on
@@ -32,6 +33,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from sllm import console
 from sllm.api.errors import error_body, send_json
 from sllm.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
 from sllm.jobs.models import INT64_MAX
@@ -41,7 +43,7 @@ MAX_KEY_CHARS = 256
 UPLOAD_FRAMING_BYTES = 64 * 1024  # multipart boundaries, part headers and the small fields
 INT64_MIN = -INT64_MAX - 1
 log = logging.getLogger(__name__)
-OPEN_PATHS = frozenset({"/health"})  # liveness probes carry no key
+OPEN_PATHS = frozenset({"/health", *console.STATIC_PATHS})  # liveness probes, the console shell
 
 # In any string: NUL (no C API, path or tokenizer takes it) and unpaired surrogates (no UTF-8
 # encoder does). In keys (names of fields and columns) every control character but none of
