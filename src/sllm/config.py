@@ -48,6 +48,12 @@ class Settings(BaseModel):
         default_factory=list,
         description="Bearer keys every route but /health requires; empty: no authentication.",
     )
+    warm_pool: int = Field(
+        2,
+        ge=0,
+        description="Pre-started processes that have imported torch, transformers and peft, "
+        "taken by the next job worker or instance (`sllm.procpool`); 0: every one starts fresh.",
+    )
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above)."
     )

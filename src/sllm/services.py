@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,9 @@ from sllm.jobs.resources import ResourcePool
 from sllm.jobs.service import JobService
 from sllm.jobs.supervisor import Supervisor
 from sllm.paths import db_path, jobs_dir
+from sllm.procpool import WarmPool
 from sllm.serve.deployments import DeploymentService
+from sllm.serve.process import InstanceProcess
 from sllm.serve.registry import DeploymentRegistry
 
 
@@ -26,13 +29,16 @@ class Services:
     extra: dict[str, Any] = field(default_factory=dict)
     deployments: DeploymentService | None = None
     cluster: Any = None  # sllm.cluster.launcher.RayCluster with --ray-address
+    warm: WarmPool | None = None  # pre-started processes for workers and instances (local)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         storage = settings.storage_path
         (storage / "transformers").mkdir(parents=True, exist_ok=True)
         store = JobStore(db_path(storage))
-        cluster = None
+        cluster, warm = None, None
+        if settings.warm_pool > 0 and not settings.ray_address:
+            warm = WarmPool(settings.warm_pool, storage / "_serve" / "warm-pool.log")
         if settings.ray_address:  # the only place Ray is imported, and only when asked for
             from sllm.cluster.launcher import RayCluster
 
@@ -40,7 +46,7 @@ class Services:
             pool, launcher = cluster.pool, cluster.launcher
         else:
             pool = ResourcePool(settings.cpu_capacity(), settings.gpu_ids())
-            launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
+            launcher = LocalLauncher(db_path(storage), jobs_dir(storage), warm)
         supervisor = Supervisor(
             store,
             launcher,
@@ -54,13 +60,26 @@ class Services:
         )
         jobs = JobService(settings, store, pool, supervisor)
         registry = DeploymentRegistry(db_path(storage))
-        options = {"process_factory": cluster.instances} if cluster else {}
+        options: dict[str, Any] = {}
+        if cluster:
+            options["process_factory"] = cluster.instances
+        elif warm:
+            options["process_factory"] = functools.partial(InstanceProcess, warm=warm)
         deployments = DeploymentService(storage, pool, supervisor.wake, registry, **options)
         return cls(
-            settings, store, pool, supervisor, jobs, deployments=deployments, cluster=cluster
+            settings,
+            store,
+            pool,
+            supervisor,
+            jobs,
+            deployments=deployments,
+            cluster=cluster,
+            warm=warm,
         )
 
     def start(self) -> None:
+        if self.warm is not None:
+            self.warm.start()
         self.supervisor.start()
         if self.cluster is not None:
             self.cluster.start(on_change=self.supervisor.wake)
@@ -72,6 +91,8 @@ class Services:
         if self.deployments is not None:
             self.deployments.stop()
         self.supervisor.stop()
+        if self.warm is not None:  # after the workers and instances it started have stopped
+            self.warm.stop()
         if self.cluster is not None:
             self.cluster.close()
         self.store.close()

@@ -64,6 +64,15 @@ def add_parser(sub) -> None:
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"Largest request body; larger ones get 413 (default {DEFAULT_MAX_BODY_BYTES}).",
     )
+    p.add_argument(
+        "--warm-pool",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Keep N processes that have imported torch, transformers and peft ready for the next "
+        "job worker or inference instance, refilled in the background (default 2: one job and "
+        "one instance; 0: off). Not used with --ray-address.",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -126,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         api_keys=keys,
         max_body_bytes=args.max_body_bytes,
+        warm_pool=args.warm_pool,
     )
     try:  # before anything reads the store: a second server must not touch the first's jobs
         lock = acquire_server_lock(settings.storage_path, host=settings.host, port=settings.port)
