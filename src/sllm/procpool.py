@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sllm.procgroup import signal_group, spawn
+from sllm.serve.auth import SECRET_ENV, new_secret
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,19 @@ LATE_KEYS = frozenset(
         "OPENBLAS_NUM_THREADS",
         "SLLM_NUM_CPUS",
         "SLLM_PARENT_PID",
-        "SLLM_INSTANCE_SECRET",
+        SECRET_ENV,
         "SLLM_API_KEY",
         "SLLM_SPAWNED_AT",
         "SLLM_POOLED",
         "TOKENIZERS_PARALLELISM",
         "PYTHONUNBUFFERED",
         "PYTORCH_NVML_BASED_CUDA_CHECK",
+        "PYTEST_CURRENT_TEST",  # changes with every test of a server run in-process
     }
 )
 WARM_SIGNAL = b"W"
+ACK_SIGNAL = b"A"
+ACK_TIMEOUT_S = 5.0  # a loaded machine may be slow to answer; a dead child answers EOF at once
 REFILL_BACKOFF_S = 5.0
 
 
@@ -79,6 +83,10 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         TOKENIZERS_PARALLELISM="false",
         PYTORCH_NVML_BASED_CUDA_CHECK="1",
+        # An instance taking this child adopts this secret (the server reads it from the
+        # launch's env), so `sllm.serve.auth.secret_of(pid)` finds it in /proc as before; a
+        # child that becomes a job worker drops it and no instance ever holds it.
+        SLLM_INSTANCE_SECRET=new_secret(),
         OMP_NUM_THREADS="1",  # nothing runs while idle; the taker sizes torch's pool
         OPENBLAS_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -142,19 +150,28 @@ class WarmPool:
     def launch(
         self, module: str, args: list[str], *, env: dict[str, str], log_path: Path
     ) -> subprocess.Popen:
-        """Run `module.main(args)` in a warm child if one fits, else in a fresh process."""
+        """Run `module.main(args)` in a warm child if one fits, else in a fresh process.
+
+        The returned process's `launch_env` is the environment it got: an instance secret in
+        `env` is replaced by the one the warm child was started with (see `child_env`)."""
         env = {**env, "SLLM_SPAWNED_AT": repr(time.time())}
-        spec = {"module": module, "args": list(args), "env": env, "log_path": str(log_path)}
         while True:
             child = self._take(env)
             if child is None:
                 break
-            if _hand_over(child, spec):
+            launch_env = dict(env)
+            if SECRET_ENV in env:
+                launch_env[SECRET_ENV] = child.env[SECRET_ENV]
+            spec = {"module": module, "args": list(args), "env": launch_env}
+            if _hand_over(child, {**spec, "log_path": str(log_path)}):
                 self.taken += 1
+                child.proc.launch_env = launch_env  # type: ignore[attr-defined]
                 return child.proc
             _discard(child)  # died between the check and the hand-over: try the next one
         self.cold += 1
-        return spawn([sys.executable, "-m", module, *args], env=env, log_path=log_path)
+        proc = spawn([sys.executable, "-m", module, *args], env=env, log_path=log_path)
+        proc.launch_env = env  # type: ignore[attr-defined]
+        return proc
 
     def _take(self, env: dict[str, str]) -> _Child | None:
         """The best idle child for `env`: a warm one, else the one warming longest."""
@@ -229,16 +246,21 @@ def _check_warm(child: _Child) -> bool:
 
 
 def _hand_over(child: _Child, spec: dict) -> bool:
-    """Send the spec to the child; False if it is gone."""
-    assert child.proc.stdin is not None
+    """Send the spec to the child; False if it is gone. A warm child acknowledges at once, so a
+    child that died just before (the spec still fits in the pipe) is caught here, not by the
+    job's owner as a crash; one still importing is not waited for."""
+    assert child.proc.stdin is not None and child.proc.stdout is not None
     try:
         child.proc.stdin.write(json.dumps(spec).encode() + b"\n")
         child.proc.stdin.close()
     except (BrokenPipeError, OSError):
         return False
-    if child.proc.stdout is not None:
-        child.proc.stdout.close()
-    return True
+    ok = True
+    if child.warm:
+        ready, _, _ = select.select([child.proc.stdout], [], [], ACK_TIMEOUT_S)
+        ok = not ready or child.proc.stdout.read(1) == ACK_SIGNAL  # EOF: it died
+    child.proc.stdout.close()
+    return ok
 
 
 def _discard(child: _Child) -> None:
@@ -349,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     line = sys.stdin.buffer.readline()
     if not line:
         return 0  # the pool closed us
+    try:
+        os.write(1, ACK_SIGNAL)
+    except OSError:
+        pass
     spec = json.loads(line)
     idle_cuda = os.environ.get("SLLM_IDLE_CUDA_INIT")
     if idle_cuda:

@@ -69,6 +69,7 @@ class InstanceProcess:
             self.proc = self.warm.launch(
                 "sllm.serve.instance", args, env=env, log_path=self.log_path
             )
+            self.secret = self.proc.launch_env[SECRET_ENV]  # a warm child's own
         else:
             cmd = [sys.executable, "-m", "sllm.serve.instance", *args]
             self.proc = spawn(cmd, env=env, log_path=self.log_path)
