@@ -154,7 +154,7 @@ class WarmPool:
 
         The returned process's `launch_env` is the environment it got: an instance secret in
         `env` is replaced by the one the warm child was started with (see `child_env`)."""
-        env = {**env, "SLLM_SPAWNED_AT": repr(time.time())}
+        env = {"SLLM_SPAWNED_AT": repr(time.time()), **env}
         while True:
             child = self._take(env)
             if child is None:

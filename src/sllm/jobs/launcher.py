@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -57,6 +58,7 @@ def worker_env(alloc: Allocation, base: dict[str, str] | None = None) -> dict[st
     env["SLLM_NUM_CPUS"] = threads
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
+    env["SLLM_SPAWNED_AT"] = repr(time.time())  # the process reports its start-up from here
     return env
 
 
