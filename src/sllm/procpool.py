@@ -281,12 +281,14 @@ def _discard(child: _Child) -> None:
 
 
 def warm_imports() -> None:
-    """Everything a worker or an instance imports before it knows its job. `datasets` is left
-    out on purpose: it reads `HF_DATASETS_CACHE` at import, which the worker sets per job."""
+    """Everything a worker or an instance imports before it knows its job. `datasets` reads
+    `HF_DATASETS_CACHE` at import; the worker points it at the job's directory afterwards
+    (`sllm.jobs.worker.use_job_dirs`)."""
+    import datasets  # noqa: F401
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: F401
 
     import sllm.finetune.peft_lora  # noqa: F401
     import sllm.jobs.worker  # noqa: F401

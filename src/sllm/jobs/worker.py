@@ -188,7 +188,8 @@ def use_job_dirs(spec) -> None:
     so a resumed job does not convert again). A hub dataset is read from the
     server's datasets cache, where a download belongs (and where an offline server finds it);
     its transforms are not cached there but written to `_jobs/<id>/tmp`, like any temp file.
-    Called before `datasets` is imported: it reads the environment once.
+    `datasets` reads the environment once, at import: a fresh worker calls this first; in a warm
+    pool process, which imported it already, `datasets.config` is pointed at the job's cache.
     """
     job_dir = jobs_dir(Path(spec.storage_path)) / spec.job_id
     tmp = job_dir / "tmp"
@@ -199,6 +200,8 @@ def use_job_dirs(spec) -> None:
     source = dataset.get("dataset_source", "local")
     if source == "local" or os.path.isabs(str(dataset.get("hf_dataset_name") or "")):
         os.environ["HF_DATASETS_CACHE"] = str(job_dir / "datasets")  # a file or repo on disk
+        if "datasets" in sys.modules:  # imported by a warm pool process before the job came
+            point_datasets_cache(job_dir / "datasets")
     else:
         import datasets
 
@@ -221,6 +224,17 @@ def process_info() -> dict[str, Any]:
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def point_datasets_cache(cache: Path) -> None:
+    """What `datasets.config` would have computed at import with `HF_DATASETS_CACHE=cache`."""
+    import datasets.config as cfg
+
+    cfg.HF_DATASETS_CACHE = cache
+    if not os.environ.get("HF_DATASETS_DOWNLOADED_DATASETS_PATH"):
+        cfg.DOWNLOADED_DATASETS_PATH = cache / cfg.DOWNLOADED_DATASETS_DIR
+    if not os.environ.get("HF_DATASETS_EXTRACTED_DATASETS_PATH"):
+        cfg.EXTRACTED_DATASETS_PATH = cfg.DOWNLOADED_DATASETS_PATH / cfg.EXTRACTED_DATASETS_DIR
 
 
 def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
