@@ -115,6 +115,32 @@ def test_size_zero_spawns_nothing_and_launches_fresh(tmp_path):
         pool.stop()
 
 
+def test_kill_stale_worker_knows_a_pooled_worker_by_its_log(tmp_path):
+    """After a server crash, a worker running in a pooled process (command line
+    `python -m sllm.procpool`) is found by its output: the job's `worker.log`."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "job-abc" / "worker.log"
+    log.parent.mkdir()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm.procpool"],
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        assert not kill_stale_worker(proc.pid, "job-other")
+        assert proc.poll() is None
+        assert kill_stale_worker(proc.pid, "job-abc")
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # --- through the server --------------------------------------------------------------------
 
 
