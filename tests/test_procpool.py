@@ -141,6 +141,17 @@ def test_kill_stale_worker_knows_a_pooled_worker_by_its_log(tmp_path):
         proc.wait()
 
 
+@pytest.mark.parametrize("bad", ["-1", "65", "two"])
+def test_start_refuses_a_bad_pool_size_before_anything_starts(tmp_path, bad):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "sllm.cli.main", "start", "--storage-path", str(tmp_path)]
+    out = subprocess.run([*cmd, "--warm-pool", bad], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--warm-pool" in out.stderr
+    assert not list(tmp_path.iterdir())  # no store, no lock, no server
+
+
 # --- through the server --------------------------------------------------------------------
 
 

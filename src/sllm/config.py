@@ -51,6 +51,7 @@ class Settings(BaseModel):
     warm_pool: int = Field(
         2,
         ge=0,
+        le=64,
         description="Pre-started processes that have imported torch, transformers and peft, "
         "taken by the next job worker or instance (`sllm.procpool`); 0: every one starts fresh.",
     )

@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--warm-pool",
-        type=int,
+        type=pool_size,
         default=2,
         metavar="N",
         help="Keep N processes that have imported torch, transformers and peft ready for the next "
@@ -75,6 +75,14 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
+
+
+def pool_size(text: str) -> int:
+    """argparse type for --warm-pool: a count from 0 (off) to 64."""
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 0 (off) and 64, got {text!r}")
+    return value
 
 
 def api_keys(flags: list[str]) -> list[str]:
