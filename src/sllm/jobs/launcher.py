@@ -126,7 +126,7 @@ def kill_stale_worker(pid: int | None, job_id: str) -> bool:
     """Kill the process group of a worker left over from a previous server, if it is ours: a
     fresh worker names the job on its command line; a pooled one (`python -m sllm.procpool`)
     writes its output to the job's log."""
-    if not pid or not _is_worker_of(pid, job_id):
+    if not pid or not is_worker_of(pid, job_id):
         return False
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -135,7 +135,8 @@ def kill_stale_worker(pid: int | None, job_id: str) -> bool:
     return True
 
 
-def _is_worker_of(pid: int, job_id: str) -> bool:
+def is_worker_of(pid: int, job_id: str) -> bool:
+    """Whether `pid` is the worker of `job_id`, fresh or from the warm pool (read from /proc)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
