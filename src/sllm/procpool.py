@@ -192,6 +192,13 @@ class WarmPool:
             self._reap_dead()
             with self._lock:
                 short = self.size - len(self._idle)
+                # One child imports at a time: two at once on a small machine slow each other
+                # (and the server's own start-up) down, and the first is ready sooner alone.
+                warming = any(not _check_warm(c) for c in self._idle)
+            if warming and short > 0:
+                self._wake.wait(0.2)
+                self._wake.clear()
+                continue
             if short > 0 and not self._stopping.is_set():
                 try:
                     child = self._spawn_child()
