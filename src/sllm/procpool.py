@@ -1,14 +1,14 @@
 """A warm pool of pre-started Python processes for job workers and inference instances.
 
 Most of a cold start on a small model is Python importing torch, transformers and peft (3-5 s on
-a small CPU), not the model. The pool keeps `size` idle children (`python -m sllm.procpool`)
-that have done those imports and nothing else, each blocked reading one launch spec from its
-stdin. `WarmPool.launch` hands a child a spec; the child then becomes the job worker or instance:
+a small CPU), not the model. The pool keeps `size` idle children (`python -m sllm.procpool`,
+warmed one at a time) that have done those imports (`warm_imports`) and nothing else, each
+blocked reading one launch spec from its stdin. `WarmPool.launch` hands a child a spec; the child then becomes the job worker or instance:
 
 1. it takes the spec's environment (`CUDA_VISIBLE_DEVICES`, thread counts, secrets, ...),
 2. points its stdout and stderr at the job's (or instance's) log,
 3. sizes torch's intra-op thread pool to `SLLM_NUM_CPUS`,
-4. runs `<module>.main(args)` and exits with its code.
+4. runs `<module>.main(args)` and exits with its code (skipping the module teardown).
 
 Isolation is what a fresh process gets: each child is started in its own session (its pid is its
 process group, which the supervisor signals), dies with the server (PR_SET_PDEATHSIG, tied to
