@@ -3,7 +3,8 @@
 Most of a cold start on a small model is Python importing torch, transformers and peft (3-5 s on
 a small CPU), not the model. The pool keeps `size` idle children (`python -m sllm.procpool`,
 warmed one at a time) that have done those imports (`warm_imports`) and nothing else, each
-blocked reading one launch spec from its stdin. `WarmPool.launch` hands a child a spec; the child then becomes the job worker or instance:
+blocked reading one launch spec from its stdin. `WarmPool.launch` hands a child a spec; the
+child then becomes the job worker or instance:
 
 1. it takes the spec's environment (`CUDA_VISIBLE_DEVICES`, thread counts, secrets, ...),
 2. points its stdout and stderr at the job's (or instance's) log,
