@@ -1,4 +1,4 @@
-"""`python -m bench finetune|overhead|api|load|host|adapters|all|render [options]`: see
+"""`python -m bench finetune|overhead|api|load|host|adapters|coldstart|all|render [options]`: see
 bench/README.md.
 
 `render RESULT.json...` rewrites the Markdown table and PNG plot of saved finetune results (the
@@ -22,7 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     from bench.workload import SIZES
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    whats = ["finetune", "overhead", "api", "load", "host", "adapters", "all", "render"]
+    whats = [
+        "finetune",
+        "overhead",
+        "api",
+        "load",
+        "host",
+        "adapters",
+        "coldstart",
+        "all",
+        "render",
+    ]
     parser.add_argument("what", choices=whats)
     parser.add_argument("files", nargs="*", type=Path, help="render: finetune result JSON files")
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES), help="finetune, load, host")
@@ -31,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="finetune: interleaved rounds")
     parser.add_argument("--deadline-s", type=float, default=None, help="finetune: stop starting")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
-    parser.add_argument("--quick", action="store_true", help="smaller api/overhead/adapters runs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller api/overhead/adapters runs; coldstart: tiny only",
+    )
     parser.add_argument("--adapters", type=int, default=None, help="adapters: how many (100)")
     parser.add_argument(
         "--threads", type=int, default=None, help="finetune: CPU threads (the job's num_cpus)"
@@ -83,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import adapters
 
             adapters.run(args.quick, args.out, adapters=args.adapters, workdir=args.workdir)
+        elif what == "coldstart":
+            from bench import coldstart
+
+            coldstart.run(quick=args.quick, out_dir=args.out)
         elif what == "load":
             from bench import load
 

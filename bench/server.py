@@ -16,18 +16,19 @@ class BenchServer(LocalServer):
         super().__init__(storage, *args, cwd=ROOT)
 
     def worker_pids(self, job_id: str) -> list[int]:
-        """Pids of this server's worker processes for `job_id` (read from /proc)."""
+        """Pids of this server's worker processes for `job_id`, fresh or from its warm pool (read
+        from /proc)."""
+        from sllm.jobs.launcher import is_worker_of
+
         pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
                 stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            parent = int(stat[1])
-            if b"sllm.jobs.worker" in cmdline and job_id.encode() in cmdline:
-                if self.proc and parent == self.proc.pid:
-                    pids.append(int(entry.name))
+            pid = int(entry.name)
+            if self.proc and int(stat[1]) == self.proc.pid and is_worker_of(pid, job_id):
+                pids.append(pid)
         return pids

@@ -73,6 +73,9 @@ SIZES: dict[str, Workload] = {
                      max_tokens=120, tokens_per_batch=512),
     "tiny-opt": Workload("tiny-opt", "opt", _opt(64, 128, 2, 4, vocab=1024, pos=512), rows=24,
                          max_tokens=120, tokens_per_batch=512),
+    # `python -m bench coldstart`: a small job (~27k tokens) whose fixed costs show.
+    "coldstart": Workload("coldstart", "llama", _llama(128, 256, 2, 4, 2, vocab=1024, pos=512),
+                          rows=128),
     # What this 2-core machine can measure in minutes.
     "cpu": Workload("cpu", "llama", _llama(384, 1024, 6, 6, 6, tie=True), rows=96),
     "cpu-opt": Workload("cpu-opt", "opt", _opt(384, 1536, 6, 6), rows=96),

@@ -52,6 +52,13 @@ class Settings(BaseModel):
     metrics_unauthenticated: bool = Field(
         False, description="Serve GET /metrics without the API key (for a Prometheus scraper)."
     )
+    warm_pool: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Pre-started processes that have imported torch, transformers and peft, "
+        "taken by the next job worker or instance (`sllm.procpool`); 0: every one starts fresh.",
+    )
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body accepted (413 above)."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +14,10 @@ from sllm.jobs.resources import ResourcePool
 from sllm.jobs.service import JobService
 from sllm.jobs.supervisor import Supervisor
 from sllm.paths import backend_root, db_path, jobs_dir
+from sllm.procpool import WarmPool
 from sllm.serve.deployments import DeploymentService
 from sllm.serve.finetuned import FineTunedModels
+from sllm.serve.process import InstanceProcess
 from sllm.serve.registry import DeploymentRegistry
 
 
@@ -29,13 +32,16 @@ class Services:
     deployments: DeploymentService | None = None
     cluster: Any = None  # sllm.cluster.launcher.RayCluster with --ray-address
     files: FileStore | None = None
+    warm: WarmPool | None = None  # pre-started processes for workers and instances (local)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         storage = settings.storage_path
         (storage / "transformers").mkdir(parents=True, exist_ok=True)
         store = JobStore(db_path(storage))
-        cluster = None
+        cluster, warm = None, None
+        if settings.warm_pool > 0 and not settings.ray_address:
+            warm = WarmPool(settings.warm_pool, storage / "_serve" / "warm-pool.log")
         if settings.ray_address:  # the only place Ray is imported, and only when asked for
             from sllm.cluster.launcher import RayCluster
 
@@ -43,7 +49,7 @@ class Services:
             pool, launcher = cluster.pool, cluster.launcher
         else:
             pool = ResourcePool(settings.cpu_capacity(), settings.gpu_ids())
-            launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
+            launcher = LocalLauncher(db_path(storage), jobs_dir(storage), warm)
         supervisor = Supervisor(
             store,
             launcher,
@@ -58,7 +64,11 @@ class Services:
         files = FileStore(storage, db_path(storage), max_bytes=settings.max_upload_bytes)
         jobs = JobService(settings, store, pool, supervisor, files=files)
         registry = DeploymentRegistry(db_path(storage))
-        options = {"process_factory": cluster.instances} if cluster else {}
+        options: dict[str, Any] = {}
+        if cluster:
+            options["process_factory"] = cluster.instances
+        elif warm:
+            options["process_factory"] = functools.partial(InstanceProcess, warm=warm)
         finetuned = FineTunedModels(store, backend_root(storage))
         deployments = DeploymentService(
             storage, pool, supervisor.wake, registry, finetuned, **options
@@ -72,9 +82,12 @@ class Services:
             deployments=deployments,
             cluster=cluster,
             files=files,
+            warm=warm,
         )
 
     def start(self) -> None:
+        if self.warm is not None:
+            self.warm.start()
         self.supervisor.start()
         if self.cluster is not None:
             self.cluster.start(on_change=self.supervisor.wake)
@@ -86,6 +99,8 @@ class Services:
         if self.deployments is not None:
             self.deployments.stop()
         self.supervisor.stop()
+        if self.warm is not None:  # after the workers and instances it started have stopped
+            self.warm.stop()
         if self.cluster is not None:
             self.cluster.close()
         if self.files is not None:

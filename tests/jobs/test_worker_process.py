@@ -17,22 +17,26 @@ from sllm.jobs.resources import Allocation
 from sllm.jobs.states import JobStatus
 from sllm.jobs.worker import EXIT_STOPPED
 from sllm.paths import db_path, jobs_dir
+from sllm.procpool import WarmPool
 from tests.conftest import TINY, job_config
 
 
 @pytest.fixture
 def jobs(storage, tmp_path, monkeypatch):
-    """(store, run): `run(job_id)` starts the job's worker and returns its handle."""
+    """(store, run): `run(job_id)` starts the job's worker (in a warm pool process, as the server
+    does by default) and returns its handle."""
     shared = tmp_path / "shared-datasets-cache"  # the server's own cache: the job must not use it
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(shared))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(shared))  # also the warm process's, at import
     store = JobStore(db_path(storage))
-    launcher = LocalLauncher(db_path(storage), jobs_dir(storage))
+    warm = WarmPool(1, tmp_path / "warm-pool.log").start()
+    launcher = LocalLauncher(db_path(storage), jobs_dir(storage), warm)
 
     def run(job_id: str):
         store.transition(job_id, JobStatus.RUNNING, message="started by the test")
         return launcher.launch(job_id, Allocation(job_id, 1), on_exit=lambda: None)
 
     yield store, run, shared
+    warm.stop()
     store.close()
 
 

@@ -219,7 +219,8 @@ def test_delete_adapters_then_the_deployment(world):
 def test_cold_start_then_scale_to_zero(world):
     srv = world.server
     config = world.storage / "llama_deploy.json"  # ServerlessLLM's config shape
-    scaling = {"metric": "concurrency", "target": 4, "min_instances": 0, "keep_alive": 2}
+    # keep_alive leaves time for `sllm status` (a fresh CLI process) on a loaded machine
+    scaling = {"metric": "concurrency", "target": 4, "min_instances": 0, "keep_alive": 6}
     config.write_text(json.dumps({"model": LLAMA, "auto_scaling_config": scaling}))
     srv.cli("deploy", "--config", str(config), "--backend", "transformers")
     assert srv.deployment(LLAMA)["config"]["target_concurrency"] == 4

@@ -109,7 +109,24 @@ def add_parser(sub) -> None:
         help="Server log level: info logs each job's life; debug adds every loopback call to "
         "an inference instance.",
     )
+    p.add_argument(
+        "--warm-pool",
+        type=pool_size,
+        default=2,
+        metavar="N",
+        help="Keep N processes that have imported torch, transformers and peft ready for the next "
+        "job worker or inference instance, refilled in the background (default 2: one job and "
+        "one instance; 0: off). Not used with --ray-address.",
+    )
     p.set_defaults(func=run)
+
+
+def pool_size(text: str) -> int:
+    """argparse type for --warm-pool: a count from 0 (off) to 64."""
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 0 (off) and 64, got {text!r}")
+    return value
 
 
 def api_keys(flags: list[str]) -> list[str]:
@@ -186,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         openai_num_gpus=args.openai_num_gpus,
         openai_timeout_s=args.openai_timeout_seconds,
         metrics_unauthenticated=args.metrics_unauthenticated,
+        warm_pool=args.warm_pool,
     )
     try:  # before anything reads the store: a second server must not touch the first's jobs
         lock = acquire_server_lock(settings.storage_path, host=settings.host, port=settings.port)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def node_env(num_cpus: int, forwarded: dict[str, str]) -> dict[str, str]:
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
     env["SLLM_PARENT_PID"] = str(os.getpid())
+    env["SLLM_SPAWNED_AT"] = repr(time.time())  # the process reports its start-up from here
     return env
 
 

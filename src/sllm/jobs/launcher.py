@@ -13,12 +13,16 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sllm.jobs.resources import Allocation
 from sllm.procgroup import signal_group, spawn
+
+if TYPE_CHECKING:
+    from sllm.procpool import WarmPool
 
 
 class WorkerHandle(Protocol):
@@ -54,6 +58,7 @@ def worker_env(alloc: Allocation, base: dict[str, str] | None = None) -> dict[st
     env["SLLM_NUM_CPUS"] = threads
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
+    env["SLLM_SPAWNED_AT"] = repr(time.time())  # the process reports its start-up from here
     return env
 
 
@@ -90,9 +95,10 @@ class LocalHandle:
 
 
 class LocalLauncher:
-    def __init__(self, db_path: Path, jobs_dir: Path) -> None:
+    def __init__(self, db_path: Path, jobs_dir: Path, warm: WarmPool | None = None) -> None:
         self.db_path = db_path
         self.jobs_dir = jobs_dir
+        self.warm = warm  # a warm process to take, when there is one (`sllm.procpool`)
 
     def launch(self, job_id: str, alloc: Allocation, on_exit: Callable[[], None]) -> LocalHandle:
         job_dir = self.jobs_dir / job_id
@@ -100,8 +106,12 @@ class LocalLauncher:
         log_path = job_dir / "worker.log"
         env = worker_env(alloc)
         env["SLLM_PARENT_PID"] = str(os.getpid())
-        cmd = [sys.executable, "-m", "sllm.jobs.worker", "--db", str(self.db_path), job_id]
-        proc = spawn(cmd, env=env, log_path=log_path)
+        args = ["--db", str(self.db_path), job_id]
+        if self.warm is not None:
+            proc = self.warm.launch("sllm.jobs.worker", args, env=env, log_path=log_path)
+        else:
+            cmd = [sys.executable, "-m", "sllm.jobs.worker", *args]
+            proc = spawn(cmd, env=env, log_path=log_path)
         handle = LocalHandle(proc, log_path)
 
         def _wait() -> None:
@@ -113,17 +123,30 @@ class LocalLauncher:
 
 
 def kill_stale_worker(pid: int | None, job_id: str) -> bool:
-    """Kill the process group of a worker left over from a previous server, if it is ours."""
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    if b"sllm.jobs.worker" not in cmdline or job_id.encode() not in cmdline:
+    """Kill the process group of a worker left over from a previous server, if it is ours: a
+    fresh worker names the job on its command line; a pooled one (`python -m sllm.procpool`)
+    writes its output to the job's log."""
+    if not pid or not is_worker_of(pid, job_id):
         return False
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def is_worker_of(pid: int, job_id: str) -> bool:
+    """Whether `pid` is the worker of `job_id`, fresh or from the warm pool (read from /proc)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"sllm.jobs.worker" in cmdline:
+        return job_id.encode() in cmdline
+    if b"sllm.procpool" not in cmdline:
+        return False
+    try:
+        out = os.readlink(f"/proc/{pid}/fd/1")
+    except OSError:
+        return False
+    return out.endswith(f"/{job_id}/worker.log")

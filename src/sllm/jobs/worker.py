@@ -2,7 +2,9 @@
 
 It runs the backend and reports progress, events and its result (or the reason it failed). It
 never writes the job's status: its exit code tells the supervisor how it ended. It dies with its
-parent (PR_SET_PDEATHSIG), so no orphan trains on. Two ways to run it:
+parent (PR_SET_PDEATHSIG), so no orphan trains on. It usually runs in a process taken from the
+server's warm pool (`sllm.procpool`), which imported torch, transformers and peft beforehand.
+Two ways to run it:
 
     python -m sllm.jobs.worker --db PATH JOB_ID             # local: reads and writes SQLite
     python -m sllm.jobs.worker --report-fd N JOB_ID < spec  # Ray node: spec as JSON on stdin,
@@ -188,7 +190,8 @@ def use_job_dirs(spec) -> None:
     so a resumed job does not convert again). A hub dataset is read from the
     server's datasets cache, where a download belongs (and where an offline server finds it);
     its transforms are not cached there but written to `_jobs/<id>/tmp`, like any temp file.
-    Called before `datasets` is imported: it reads the environment once.
+    `datasets` reads the environment once, at import: a fresh worker calls this first; in a warm
+    pool process, which imported it already, `datasets.config` is pointed at the job's cache.
     """
     job_dir = jobs_dir(Path(spec.storage_path)) / spec.job_id
     tmp = job_dir / "tmp"
@@ -199,10 +202,41 @@ def use_job_dirs(spec) -> None:
     source = dataset.get("dataset_source", "local")
     if source == "local" or os.path.isabs(str(dataset.get("hf_dataset_name") or "")):
         os.environ["HF_DATASETS_CACHE"] = str(job_dir / "datasets")  # a file or repo on disk
+        if "datasets" in sys.modules:  # imported by a warm pool process before the job came
+            point_datasets_cache(job_dir / "datasets")
     else:
         import datasets
 
         datasets.disable_caching()
+
+
+def process_info() -> dict[str, Any]:
+    """Where this worker runs and what it got, and `process_s`: seconds from the launch call
+    until torch, transformers and peft were imported (about zero in a warm pool process)."""
+    import peft  # noqa: F401 - imported here so a fresh process's import cost is counted
+    import torch
+    import transformers  # noqa: F401
+
+    from sllm.procpool import process_wait_s
+
+    return {
+        "pid": os.getpid(),
+        "pooled": os.environ.get("SLLM_POOLED") == "1",
+        "process_s": process_wait_s() or 0.0,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def point_datasets_cache(cache: Path) -> None:
+    """What `datasets.config` would have computed at import with `HF_DATASETS_CACHE=cache`."""
+    import datasets.config as cfg
+
+    cfg.HF_DATASETS_CACHE = cache
+    if not os.environ.get("HF_DATASETS_DOWNLOADED_DATASETS_PATH"):
+        cfg.DOWNLOADED_DATASETS_PATH = cache / cfg.DOWNLOADED_DATASETS_DIR
+    if not os.environ.get("HF_DATASETS_EXTRACTED_DATASETS_PATH"):
+        cfg.EXTRACTED_DATASETS_PATH = cfg.DOWNLOADED_DATASETS_PATH / cfg.EXTRACTED_DATASETS_DIR
 
 
 def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
@@ -214,6 +248,15 @@ def run_spec(spec, ft_backend: str, reporter: ThrottledReporter) -> int:
 
     try:
         use_job_dirs(spec)
+        info = process_info()
+        where = "a warm process from the pool" if info["pooled"] else "a fresh process"
+        reporter.event(
+            "info",
+            f"Worker started in {where} (pid {info['pid']}), ready {info['process_s']:.2f}s "
+            f"after launch; CUDA_VISIBLE_DEVICES={info['cuda_visible_devices']!r}, "
+            f"{info['torch_threads']} torch thread(s).",
+            info,
+        )
         backend = get_backend(ft_backend)
         result = backend.run(spec, reporter)
     except StopRequested as exc:

@@ -1,8 +1,11 @@
 """One inference instance: `python -m sllm.serve.instance --storage S --model M --ready-file F`.
 
-It loads the base model from the store, starts the batching engine, and serves a small HTTP API
-on 127.0.0.1 (or `--host`) at an ephemeral port, which it announces by writing `{"port", "pid",
-"load_seconds"}` to the ready file once it accepts connections. The server talks to it only:
+It loads the base model from the store, runs one forward pass, starts the batching engine, and
+serves a small HTTP API on 127.0.0.1 (or `--host`) at an ephemeral port, which it announces by
+writing `{"port", "pid", "load_seconds", "phases"}` to the ready file once it accepts connections
+(`phases`: seconds of each cold-start step, see `load_engine`). It usually runs in a process
+taken from the server's warm pool (`sllm.procpool`), which has imported torch already. The server
+talks to it only:
 
     GET    /health              model, loaded adapters, in-flight requests, engine stats
     POST   /adapters            {name, path, fingerprint}: load or replace an adapter
@@ -191,12 +194,18 @@ def pick_device(requested: str) -> str:
     return "cuda" if visible.strip() and torch.cuda.is_available() else "cpu"
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, phases: dict[str, float]):
+    """The started engine; `phases` gets the seconds of each cold-start step (`process_s`: from
+    the server's launch call until torch, transformers and peft are imported, about zero for a
+    process from the warm pool; `model_load_s`; `first_forward_s`)."""
+    import peft  # noqa: F401 - imported here so a fresh process's import cost is counted
     import torch
 
+    from sllm.procpool import process_wait_s
     from sllm.serve.engine import Engine
     from sllm.store import load_model
 
+    phases["process_s"] = process_wait_s() or 0.0
     threads = int(os.environ.get("SLLM_NUM_CPUS", "0") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -204,8 +213,25 @@ def load_engine(args: argparse.Namespace):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else None
+    t0 = time.monotonic()
     model, tokenizer = load_model(Path(args.storage), args.model, device=device, dtype=dtype)
+    phases["model_load_s"] = round(time.monotonic() - t0, 4)
+    t0 = time.monotonic()
+    first_forward(model, tokenizer, device)
+    phases["first_forward_s"] = round(time.monotonic() - t0, 4)
     return Engine(model, tokenizer, device=device, max_batch_size=args.max_batch_size).start()
+
+
+def first_forward(model: Any, tokenizer: Any, device: str) -> None:
+    """One token through the model before the instance says it is ready, so the first request
+    does not pay for lazy kernel set-up (and the phase is measured on its own)."""
+    import torch
+
+    token = tokenizer.bos_token_id
+    if token is None:
+        token = tokenizer.eos_token_id or 0
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[token]], device=device))
 
 
 def write_ready(path: Path, payload: dict) -> None:
@@ -232,9 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.monotonic()
-    engine = load_engine(args)
+    phases: dict[str, float] = {}
+    engine = load_engine(args, phases)
     load_seconds = time.monotonic() - t0
-    log.info("loaded %s in %.2fs", args.model, load_seconds)
+    log.info("loaded %s in %.2fs (%s)", args.model, load_seconds, phases)
 
     import uvicorn
 
@@ -245,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     port = sock.getsockname()[1]
 
     def on_ready() -> None:
-        info = {"port": port, "pid": os.getpid(), "load_seconds": load_seconds}
+        info = {"port": port, "pid": os.getpid(), "load_seconds": load_seconds, "phases": phases}
         write_ready(args.ready_file, info)
 
     app = create_instance_app(engine, args.model, secret, on_ready)

@@ -12,11 +12,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sllm.jobs.launcher import tail, worker_env
 from sllm.jobs.resources import Allocation
 from sllm.procgroup import spawn, stop_group
 from sllm.serve.auth import SECRET_ENV, new_secret
+
+if TYPE_CHECKING:
+    from sllm.procpool import WarmPool
 
 
 class InstanceStartError(Exception):
@@ -39,7 +43,8 @@ def instance_args(
 
 
 class InstanceProcess:
-    def __init__(self, workdir: Path, name: str) -> None:
+    def __init__(self, workdir: Path, name: str, warm: WarmPool | None = None) -> None:
+        self.warm = warm  # a warm process to take, when there is one (`sllm.procpool`)
         self.workdir = workdir
         self.name = name
         self.ready_file = workdir / f"{name}.ready.json"
@@ -59,9 +64,15 @@ class InstanceProcess:
         env = worker_env(alloc)
         env["SLLM_PARENT_PID"] = str(os.getpid())
         env[SECRET_ENV] = self.secret
-        cmd = [sys.executable, "-m", "sllm.serve.instance"]
-        cmd += instance_args(storage, model, self.ready_file, alloc, max_batch_size, dtype)
-        self.proc = spawn(cmd, env=env, log_path=self.log_path)
+        args = instance_args(storage, model, self.ready_file, alloc, max_batch_size, dtype)
+        if self.warm is not None:
+            self.proc = self.warm.launch(
+                "sllm.serve.instance", args, env=env, log_path=self.log_path
+            )
+            self.secret = self.proc.launch_env[SECRET_ENV]  # a warm child's own
+        else:
+            cmd = [sys.executable, "-m", "sllm.serve.instance", *args]
+            self.proc = spawn(cmd, env=env, log_path=self.log_path)
 
     def wait_ready(self, timeout: float, cancelled=lambda: False) -> dict:
         """The ready file's content once the instance serves; raises if it exits or times out."""

@@ -362,6 +362,12 @@ class InstanceStatus(BaseModel):
     gpu_ids: list[int] = Field(default_factory=list)
     started_time: float
     cold_start_seconds: float | None = None
+    cold_start_phases: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds of each cold-start step: `process_s` (launch call until torch, "
+        "transformers and peft are imported: about 0 from the warm pool), `model_load_s`, "
+        "`first_forward_s`, `adapters_s` (loading the deployment's adapters).",
+    )
     idle_seconds: float | None = None
     adapters: list[str] = Field(default_factory=list)
     lora_cache: list[str] = Field(

@@ -210,14 +210,17 @@ class Scaler:
             with self._lock:
                 inst.port = int(info["port"])
                 inst.host = info.get("host", inst.host)
+            t_sync = time.monotonic()
             self._record_errors(dep, self._sync(dep, inst))
+            phases = {**info.get("phases", {}), "adapters_s": time.monotonic() - t_sync}
             with self._lock:
                 if inst.state != "starting":
                     raise ColdStartError("stopped while starting")
                 inst.state = "ready"
                 inst.cold_start_s = time.monotonic() - t0
+                inst.phases = {k: round(float(v), 4) for k, v in phases.items()}
                 inst.last_used = time.monotonic()
-            log.info("%s ready in %.2fs", inst.id, inst.cold_start_s)
+            log.info("%s ready in %.2fs (%s)", inst.id, inst.cold_start_s, inst.phases)
         except Exception as exc:  # noqa: BLE001 - reported to waiters and in status
             message = f"{type(exc).__name__}: {exc}"
             log.warning("%s failed to start: %s", inst.id, message)

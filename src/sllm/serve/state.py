@@ -30,6 +30,7 @@ class Instance:
     started_time: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     cold_start_s: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # see InstanceStatus
     error: str | None = None
     loaded: dict[str, str] = field(default_factory=dict)  # name -> path|fingerprint
     max_loras: int | None = None  # what the instance was told (PUT /lora-cache)
@@ -104,6 +105,7 @@ def _instance_status(inst: Instance, now: float) -> InstanceStatus:
         gpu_ids=list(inst.alloc.gpu_ids),
         started_time=inst.started_time,
         cold_start_seconds=inst.cold_start_s,
+        cold_start_phases=dict(inst.phases),
         idle_seconds=None if inst.in_flight else round(now - inst.last_used, 3),
         adapters=sorted(inst.loaded),
         lora_cache=list(inst.lora_cache),

@@ -19,7 +19,12 @@ def read_manifest(storage: Path, model: str) -> dict[str, Any] | None:
 
 
 def load_model(storage: Path, model: str, device: str = "cpu", dtype: Any = None):
-    """(model, tokenizer) from `$STORAGE_PATH/transformers/<model>`; dtype defaults to stored."""
+    """(model, tokenizer) from `$STORAGE_PATH/transformers/<model>`; dtype defaults to stored.
+
+    The weights go from the memory-mapped safetensors files straight into `dtype` on `device`
+    (the model is built on the meta device, never materialised in float32 first; on an
+    accelerator `device_map` places each tensor there as it is read, with no CPU copy of the
+    whole model)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,8 +39,12 @@ def load_model(storage: Path, model: str, device: str = "cpu", dtype: Any = None
         )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    if str(device) != "cpu":
+        kwargs["device_map"] = {"": device}
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if str(device) == "cpu":
+        lm = lm.to(device)  # a no-op unless the model was saved with a device map
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
