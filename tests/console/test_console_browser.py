@@ -203,6 +203,20 @@ def test_capacity_shows_the_running_job(srv, browser, jobs):
     assert "/ 2" in summary  # held / total CPUs
 
 
+def test_pause_and_resume_from_the_job_page(srv, browser, jobs):
+    go(browser, srv, f"#/job/{jobs['long']}")
+    wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "running", what="running")
+    browser.find_element(By.ID, "pause-job").click()
+    wait(browser, lambda d: d.find_element(By.ID, "job-status").text == "paused", what="paused")
+    assert not browser.find_element(By.ID, "pause-job").is_displayed()
+    browser.find_element(By.ID, "resume-job").click()
+    wait(browser, lambda d: d.find_element(By.ID, "job-status").text in ("pending", "running"))
+    assert srv.client.get(f"/v1/fine_tuning/jobs/{jobs['long']}").json()["status"]["status"] in (
+        "pending",
+        "running",
+    )
+
+
 def test_cancel_from_the_job_page(srv, browser, jobs):
     go(browser, srv, f"#/job/{jobs['long']}")
     button = wait(browser, lambda d: d.find_element(By.ID, "cancel-job"))

@@ -34,6 +34,8 @@ export function jobView(root, id) {
   const title = h("h1", {}, "Job ", h("code", {}, id), " ", h("span", { id: "job-status" }));
   const message = h("div", { id: "action-message", class: "small" });
   const cancelBtn = h("button", { id: "cancel-job", class: "danger", onclick: cancel }, "Cancel");
+  const pauseBtn = h("button", { id: "pause-job", onclick: () => act("pause", "Pause requested: the job checkpoints at its next step, then stops.") }, "Pause");
+  const resumeBtn = h("button", { id: "resume-job", onclick: () => act("resume", "Resumed: queued again.") }, "Resume");
   const cloneBtn = h("button", { id: "clone-job", onclick: clone }, "Clone as new job");
   const adapterName = h("input", { id: "deploy-name", placeholder: "adapter name", size: 18 });
   const deployBtn = h("button", { id: "deploy-adapter", class: "primary", onclick: deploy }, "Deploy adapter");
@@ -56,7 +58,7 @@ export function jobView(root, id) {
   root.append(
     h("p", { class: "small" }, h("a", { href: "#/jobs" }, "< all jobs")),
     title,
-    h("div", { class: "toolbar" }, cancelBtn, cloneBtn, adapterName, deployBtn, message),
+    h("div", { class: "toolbar" }, cancelBtn, pauseBtn, resumeBtn, cloneBtn, adapterName, deployBtn, message),
     h("div", { class: "card" }, stats),
     h("div", { class: "card" }, h("h2", { style: "margin-top:0" }, "Loss"), legend, chart, lrBox),
     h("div", { class: "two" },
@@ -94,6 +96,8 @@ export function jobView(root, id) {
       h("div", { dataset: { stat: k } }, h("div", { class: "k" }, k), h("div", { class: "v" }, v))));
     if (s.error) stats.append(h("div", { class: "error", style: "grid-column:1/-1", id: "job-error" }, `${s.error.kind}: ${s.error.message}`));
     cancelBtn.disabled = TERMINAL.has(s.status);
+    pauseBtn.hidden = !(s.status === "pending" || s.status === "running");
+    resumeBtn.hidden = s.status !== "paused";
     deployBtn.disabled = adapterName.disabled = s.status !== "completed";
     if (!adapterName.value) adapterName.value = `ft-${id.replace(/^job-/, "").slice(0, 8)}`;
     const text = JSON.stringify(s.config, null, 2);
@@ -192,6 +196,20 @@ export function jobView(root, id) {
       await refresh();
     } catch (e) {
       message.replaceChildren(h("span", { class: "error" }, e.message));
+    }
+  }
+
+  async function act(what, done) {
+    pauseBtn.disabled = resumeBtn.disabled = true;
+    try {
+      await api(`${base}/${what}`, { method: "POST" });
+      message.textContent = done;
+      finalRound = false;
+      await refresh();
+    } catch (e) {
+      message.replaceChildren(h("span", { class: "error" }, e.message));
+    } finally {
+      pauseBtn.disabled = resumeBtn.disabled = false;
     }
   }
 

@@ -2,7 +2,7 @@
 // refreshed every 2 s.
 import { age, api, badge, duration, h, num, poll } from "./api.js";
 
-const STATUSES = ["", "pending", "running", "completed", "failed", "cancelled"];
+const STATUSES = ["", "pending", "running", "paused", "completed", "failed", "cancelled"];
 
 export function progressCell(p) {
   if (!p || !p.total_steps) return p && p.step ? `step ${p.step}` : "-";
