@@ -598,6 +598,8 @@ class TrainingTracker:
             loss = _float_or_none(logs["loss"])
             self.last_loss = loss
             point: dict[str, Any] = {"step": step, "loss": loss}
+            if self.last_lr is not None:
+                point["learning_rate"] = self.last_lr  # the console charts it by step
             if TRAIN_ACCURACY in logs:
                 point[TRAIN_ACCURACY] = self.last_metrics[TRAIN_ACCURACY] = _round(
                     logs[TRAIN_ACCURACY], 6
