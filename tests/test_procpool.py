@@ -11,11 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import TINY, job_config, pid_alive, stored_server, wait_dead
 
 from sllm.jobs.launcher import kill_stale_worker, worker_env
 from sllm.jobs.resources import Allocation
 from sllm.procpool import WarmPool
+from tests.conftest import TINY, job_config, pid_alive, stored_server, wait_dead
 
 
 def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
