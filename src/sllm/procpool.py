@@ -156,6 +156,9 @@ class WarmPool:
         The returned process's `launch_env` is the environment it got: an instance secret in
         `env` is replaced by the one the warm child was started with (see `child_env`)."""
         env = {"SLLM_SPAWNED_AT": repr(time.time()), **env}
+        # The log exists from the launch on, as a fresh process's does: a warm child opens it
+        # only once it has the spec, and a job killed before then still has a (short) log.
+        log_path.touch(exist_ok=True)
         while True:
             child = self._take(env)
             if child is None:

@@ -1,5 +1,6 @@
 """The OpenAI Python SDK, unchanged, drives fine-tuning on a real server: upload, create, poll,
-events, checkpoints, cancel, pause and resume; the same jobs read back through the seed's `/v1`."""
+events, checkpoints, chat with the fine-tuned model and a checkpoint (no deploy), delete it,
+cancel, pause and resume; the same jobs read back through the seed's `/v1`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 
 from sllm.openai.names import parse_fine_tuned_model
 from tests.openai_api.conftest import KEY, text_rows
@@ -94,6 +95,19 @@ def test_create_poll_events_checkpoints(client, api_server, training_file):
     tagged = client.fine_tuning.jobs.list(metadata={"team": "deck"})
     assert [j.id for j in tagged.data] == [job.id]
     assert client.fine_tuning.jobs.list(metadata={"team": "other"}).data == []
+
+    # The fine-tuned model and a checkpoint answer at once, with no deploy (scale from zero).
+    ask = [{"role": "user", "content": "Question 3: how are you?"}]
+    for name in (done.fine_tuned_model, checkpoints[-1].fine_tuned_model_checkpoint):
+        reply = client.chat.completions.create(model=name, messages=ask, max_tokens=4)
+        assert reply.model == name and reply.choices[0].message.content is not None
+    models = {m.id: m for m in client.models.list().data}
+    assert models[done.fine_tuned_model].parent == "tiny/llama"
+    deleted = client.models.delete(done.fine_tuned_model)
+    assert deleted.deleted and deleted.id == done.fine_tuned_model
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model=done.fine_tuned_model, messages=ask, max_tokens=4)
+    assert not adapter.exists()
 
 
 def test_cancel_pause_resume(client, api_server, training_file):
