@@ -9,12 +9,46 @@ suffix the OpenAI request gave), never stored twice.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
+PREFIX = "ft:"
 DEFAULT_SUFFIX = "sllm"
 CHECKPOINT_PREFIX = "ckpt-step-"
 _JOB_ID = re.compile(r"^job-[0-9a-f]{8,64}$")
-_STEP = re.compile(rf"^{CHECKPOINT_PREFIX}(\d{{1,12}})$")
+_CKPT = re.compile(rf":{CHECKPOINT_PREFIX}(\d{{1,12}})$")
+
+
+@dataclass(frozen=True)
+class FineTunedName:
+    base: str
+    suffix: str
+    job_id: str
+    step: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The adapter's name inside instances (short, and free of '/')."""
+        return f"{PREFIX}{self.job_id}" + self.checkpoint_part
+
+    @property
+    def checkpoint_part(self) -> str:
+        return f":{CHECKPOINT_PREFIX}{self.step}" if self.step is not None else ""
+
+
+def parse_name(name: str | None) -> FineTunedName | None:
+    """The parts of `ft:<base>:<suffix>:<job id>[:ckpt-step-<N>]`, or None for any other name."""
+    if not isinstance(name, str) or not name.startswith(PREFIX):
+        return None
+    rest, step = name[len(PREFIX) :], None
+    ckpt = _CKPT.search(rest)
+    if ckpt:
+        rest, step = rest[: ckpt.start()], int(ckpt.group(1))
+    parts = rest.rsplit(":", 2)
+    if len(parts) != 3 or not all(parts):
+        return None
+    base, suffix, job_id = parts
+    return FineTunedName(base, suffix, job_id, step)
 
 
 def suffix_of(job: Any) -> str:
@@ -42,15 +76,9 @@ def checkpoint_model_name(job: Any, step: int) -> str:
 
 
 def parse_fine_tuned_model(name: str) -> tuple[str, int | None] | None:
-    """(job id, checkpoint step or None) of a fine-tuned model name; None if it is not one."""
-    if not isinstance(name, str) or not name.startswith("ft:"):
+    """(job id, checkpoint step or None) of a fine-tuned model name whose job id has the shape
+    sllm gives them; None if it is not one."""
+    ft = parse_name(name)
+    if ft is None or not _JOB_ID.match(ft.job_id):
         return None
-    parts = name.split(":")
-    step = None
-    match = _STEP.match(parts[-1])
-    if match:
-        step = int(match.group(1))
-        parts = parts[:-1]
-    if len(parts) < 4 or not _JOB_ID.match(parts[-1]):  # ft, model, suffix, job id
-        return None
-    return parts[-1], step
+    return ft.job_id, ft.step

@@ -17,7 +17,6 @@ missing checkpoint or a deleted adapter are each a 404 that says which.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -26,40 +25,12 @@ from pathlib import Path
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError
 from sllm.jobs.db import JobRecord, JobStore
 from sllm.jobs.states import JobStatus
-from sllm.openai.names import model_name, suffix_of
+from sllm.openai.names import PREFIX, FineTunedName, model_name, suffix_of
+from sllm.openai.names import parse_name as parse_fine_tuned_model
 from sllm.serve.adapters import adapter_fingerprint, check_adapter_dir, check_fits_base
 from sllm.serve.protocol import ModelCard
 
-PREFIX = "ft:"
-_CKPT = re.compile(r":ckpt-step-(\d{1,12})$")
-
-
-@dataclass(frozen=True)
-class FineTunedName:
-    base: str
-    suffix: str
-    job_id: str
-    step: int | None = None
-
-    @property
-    def key(self) -> str:
-        """The adapter's name inside instances."""
-        return f"ft:{self.job_id}" + (f":ckpt-step-{self.step}" if self.step is not None else "")
-
-
-def parse_fine_tuned_model(name: str | None) -> FineTunedName | None:
-    """The parts of `ft:<base>:<suffix>:<job id>[:ckpt-step-<N>]`, or None for any other name."""
-    if not name or not name.startswith(PREFIX):
-        return None
-    rest, step = name[len(PREFIX) :], None
-    ckpt = _CKPT.search(rest)
-    if ckpt:
-        rest, step = rest[: ckpt.start()], int(ckpt.group(1))
-    parts = rest.rsplit(":", 2)
-    if len(parts) != 3 or not all(parts):
-        return None
-    base, suffix, job_id = parts
-    return FineTunedName(base, suffix, job_id, step)
+__all__ = ["FineTunedModels", "OnDemandAdapter", "parse_fine_tuned_model", "PREFIX"]
 
 
 def fine_tuned_model_name(rec: JobRecord) -> str:
@@ -116,7 +87,7 @@ class FineTunedModels:
                 param="model",
             )
         canonical = fine_tuned_model_name(rec)
-        if name.removesuffix(_ckpt_part(ft)) != canonical:
+        if name.removesuffix(ft.checkpoint_part) != canonical:
             raise NotFoundError(
                 f"The model {name!r} does not exist; job {rec.id}'s model is {canonical!r}.",
                 param="model",
@@ -207,7 +178,3 @@ def _written_by(adapter_dir: Path) -> str | None:
         return None
     job_id = meta.get("job_id") if isinstance(meta, dict) else None
     return str(job_id) if job_id else None
-
-
-def _ckpt_part(ft: FineTunedName) -> str:
-    return f":ckpt-step-{ft.step}" if ft.step is not None else ""
