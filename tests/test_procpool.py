@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from sllm.jobs.launcher import kill_stale_worker, worker_env
 from sllm.jobs.resources import Allocation
-from sllm.procpool import WarmPool
+from sllm.procpool import WarmPool, start_time
 from tests.conftest import TINY, job_config, pid_alive, stored_server, wait_dead
 
 
@@ -92,6 +93,52 @@ def test_a_dead_idle_child_is_replaced_and_launches_still_run(pool, tmp_path):
     assert victim not in pool.idle_pids()
     # whether the launch found the dead one first or not, it is counted once at most
     assert pool.failures <= failures + 1
+
+
+def owned_launch(pool: WarmPool, tmp: Path, name: str, owner: int, started: str | None, **kw):
+    """A pooled probe that lives 300 s unless its owner (not its parent) ends first."""
+    env = {
+        **worker_env(Allocation(f"job:{name}", 1, ())),
+        "SLLM_PARENT_PID": str(os.getpid()),
+        "SLLM_OWNER_PID": str(owner),
+        "SLLM_OWNER_STARTED": started or "",
+    }
+    out = tmp / f"{name}.json"
+    proc = pool.take(
+        "sllm.procpool", ["probe", str(out), "300"], env=env, log_path=tmp / f"{name}.log", **kw
+    )
+    assert proc is not None, "a warm child fits this launch"
+    return proc, out
+
+
+def test_a_pooled_process_dies_with_its_owner_not_only_its_parent(pool, tmp_path):
+    """On a Ray node the pool (the parent) is one actor and the owner another: the taken child
+    must end when its owner does, as a fresh child of the owner would (PR_SET_PDEATHSIG)."""
+    wait_for(lambda: pool.warm_count() >= 1, 240, "a warm child")
+    owner = subprocess.Popen(["sleep", "300"])
+    try:
+        proc, out = owned_launch(
+            pool, tmp_path, "owned", owner.pid, start_time(owner.pid), stdin="the job spec\n"
+        )
+        got = json.loads(wait_for(lambda: out.is_file() and out.read_text(), 60, "the probe"))
+        assert got["pooled"] and got["stdin"] == "the job spec\n"  # stdin handed over too
+        assert got["ppid"] == os.getpid() != owner.pid
+        time.sleep(0.5)
+        assert proc.poll() is None  # lives while its owner does
+    finally:
+        owner.kill()
+        owner.wait()
+    assert proc.wait(timeout=10) == -signal.SIGKILL  # the whole group, as a death signal would
+
+
+def test_a_pooled_process_whose_owner_is_already_gone_does_not_run(pool, tmp_path):
+    wait_for(lambda: pool.warm_count() >= 1, 240, "a warm child")
+    owner = subprocess.Popen(["sleep", "300"])
+    started = start_time(owner.pid)
+    owner.kill()
+    owner.wait()  # gone before the launch: the pid may even be reused by then
+    proc, out = owned_launch(pool, tmp_path, "orphan", owner.pid, started)
+    assert proc.wait(timeout=30) == 1 and not out.exists()
 
 
 def test_stop_leaves_no_process_behind(tmp_path):

@@ -59,6 +59,9 @@ LATE_KEYS = frozenset(
         "PYTHONUNBUFFERED",
         "PYTORCH_NVML_BASED_CUDA_CHECK",
         "PYTEST_CURRENT_TEST",  # changes with every test of a server run in-process
+        "SLLM_OWNER_PID",
+        "SLLM_OWNER_STARTED",
+        "RAY_JOB_ID",  # set per Ray worker process; a node pool's children are not Ray workers
     }
 )
 WARM_SIGNAL = b"W"
@@ -95,10 +98,15 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def differing(child: dict[str, str], launch: dict[str, str]) -> set[str]:
+    """The variables, other than the per-launch ones, on which the two environments differ."""
+    keys = (set(child) | set(launch)) - LATE_KEYS
+    return {k for k in keys if child.get(k) != launch.get(k)}
+
+
 def compatible(child: dict[str, str], launch: dict[str, str]) -> bool:
     """Whether a child warmed with `child` may run a launch wanting `launch`."""
-    keys = (set(child) | set(launch)) - LATE_KEYS
-    return all(child.get(k) == launch.get(k) for k in keys)
+    return not differing(child, launch)
 
 
 class WarmPool:
@@ -115,6 +123,7 @@ class WarmPool:
         self.failures = 0  # idle children that died before being taken
         self.taken = 0
         self.cold = 0
+        self.last_miss = ""  # why the last launch found no idle process to take
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -156,32 +165,59 @@ class WarmPool:
         The returned process's `launch_env` is the environment it got: an instance secret in
         `env` is replaced by the one the warm child was started with (see `child_env`)."""
         env = {"SLLM_SPAWNED_AT": repr(time.time()), **env}
+        proc = self.take(module, args, env=env, log_path=log_path, adopt_secret=True)
+        if proc is not None:
+            return proc
+        self.cold += 1
+        proc = spawn([sys.executable, "-m", module, *args], env=env, log_path=log_path)
+        proc.launch_env = env  # type: ignore[attr-defined]
+        return proc
+
+    def take(
+        self,
+        module: str,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        log_path: Path,
+        stdin: str | None = None,
+        adopt_secret: bool = False,
+    ) -> subprocess.Popen | None:
+        """Hand the launch to a warm child that fits `env`; None when none does.
+
+        `stdin` is what the process reads on its standard input. With `adopt_secret`, an
+        instance secret in `env` is replaced by the child's own (so that `secret_of(pid)` reads
+        it from /proc); without, the process gets the one in `env`."""
+        env = {"SLLM_SPAWNED_AT": repr(time.time()), **env}
         # The log exists from the launch on, as a fresh process's does: a warm child opens it
         # only once it has the spec, and a job killed before then still has a (short) log.
         log_path.touch(exist_ok=True)
         while True:
             child = self._take(env)
             if child is None:
-                break
+                return None
             launch_env = dict(env)
-            if SECRET_ENV in env:
+            if adopt_secret and SECRET_ENV in env:
                 launch_env[SECRET_ENV] = child.env[SECRET_ENV]
             spec = {"module": module, "args": list(args), "env": launch_env}
+            if stdin is not None:
+                spec["stdin"] = stdin
             if _hand_over(child, {**spec, "log_path": str(log_path)}):
                 self.taken += 1
                 child.proc.launch_env = launch_env  # type: ignore[attr-defined]
                 return child.proc
             _discard(child)  # died between the check and the hand-over: try the next one
-        self.cold += 1
-        proc = spawn([sys.executable, "-m", module, *args], env=env, log_path=log_path)
-        proc.launch_env = env  # type: ignore[attr-defined]
-        return proc
 
     def _take(self, env: dict[str, str]) -> _Child | None:
         """The best idle child for `env`: a warm one, else the one warming longest."""
         with self._lock:
             fits = [c for c in self._idle if c.proc.poll() is None and compatible(c.env, env)]
             if not fits:
+                self.last_miss = "had no idle process"
+                if self._idle:
+                    keys = sorted(differing(self._idle[0].env, env))
+                    self.last_miss = f"has no idle process for this environment (differs in {keys})"
+                log.info("warm pool: %s", self.last_miss)
                 return None
             fits.sort(key=lambda c: (not _check_warm(c), c.started))
             child = fits[0]
@@ -315,14 +351,25 @@ def _become(spec: dict) -> int:
     os.environ.clear()
     os.environ.update(spec["env"])
     os.environ["SLLM_POOLED"] = "1"
+    owner = os.environ.get("SLLM_OWNER_PID")
+    if owner:
+        die_with_owner(int(owner), os.environ.get("SLLM_OWNER_STARTED"))
     tempfile.tempdir = None
     fd = os.open(spec["log_path"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
+    if spec.get("stdin") is not None:
+        data = tempfile.TemporaryFile()  # unlinked: only this process can read it
+        data.write(spec["stdin"].encode())
+        data.seek(0)
+        os.dup2(data.fileno(), 0)
+        data.close()
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as fd 0
+    else:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
     threads = int(os.environ.get("SLLM_NUM_CPUS") or 0)
     if threads > 0:
         import torch
@@ -333,9 +380,46 @@ def _become(spec: dict) -> int:
     return int(module.main(spec["args"]) or 0)
 
 
-def probe(out: str) -> int:
-    """`probe OUT`: write what this process got (environment, threads, CUDA state) to OUT; for
-    tests and `bench coldstart`."""
+def start_time(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot, from /proc): a pid with another start time is
+    another process that reused the number."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def die_with_owner(pid: int, started: str | None) -> None:
+    """Kill this process group when process `pid` (the owner that took us) ends.
+
+    A pooled child's parent is the pool, not the owner (on a Ray node, the job's or instance's
+    actor), so PR_SET_PDEATHSIG cannot tie the two; a thread waits on a pidfd of the owner
+    instead, and the group goes with it (SIGKILL, as the death signal would send)."""
+    try:
+        handle: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)  # the owner is gone already
+    except (AttributeError, OSError):  # no pidfd (old kernel): look every half second
+        handle = None
+    started = started or start_time(pid)
+    if started is None or start_time(pid) != started:
+        os._exit(1)  # gone, or the pid was reused: our owner is gone
+
+    def wait() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while start_time(pid) == started:
+                time.sleep(0.5)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="owner-watch", daemon=True).start()
+
+
+def probe(out: str, hold_s: float = 0.0) -> int:
+    """`probe OUT [HOLD_S]`: write what this process got (environment, threads, CUDA state,
+    standard input) to OUT, then live HOLD_S seconds more; for tests and `bench coldstart`."""
     import torch
 
     info = {
@@ -351,9 +435,11 @@ def probe(out: str) -> int:
         "idle_cuda_initialized": os.environ.get("SLLM_IDLE_CUDA_INIT") == "1",
         "process_wait_s": process_wait_s(),
         "secret": os.environ.get("SLLM_INSTANCE_SECRET"),
+        "stdin": sys.stdin.read() if sys.stdin is not None else None,
     }
     Path(out).write_text(json.dumps(info))
     print(f"probe: {info}", flush=True)
+    time.sleep(hold_s)
     return 0
 
 
@@ -368,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m sllm.procpool`: an idle warm child; `... probe OUT`: see `probe`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["probe"]:
-        return probe(argv[1])
+        return probe(argv[1], *(float(a) for a in argv[2:3]))
     from sllm.jobs.worker import die_with_parent
 
     die_with_parent()

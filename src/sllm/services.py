@@ -32,7 +32,8 @@ class Services:
     deployments: DeploymentService | None = None
     cluster: Any = None  # sllm.cluster.launcher.RayCluster with --ray-address
     files: FileStore | None = None
-    warm: WarmPool | None = None  # pre-started processes for workers and instances (local)
+    warm: WarmPool | None = None  # pre-started processes for workers and instances (local;
+    # on a Ray cluster every node has its own, `sllm.cluster.nodepool`)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -45,7 +46,7 @@ class Services:
         if settings.ray_address:  # the only place Ray is imported, and only when asked for
             from sllm.cluster.launcher import RayCluster
 
-            cluster = RayCluster(settings.ray_address, store)
+            cluster = RayCluster(settings.ray_address, store, settings.warm_pool)
             pool, launcher = cluster.pool, cluster.launcher
         else:
             pool = ResourcePool(settings.cpu_capacity(), settings.gpu_ids())

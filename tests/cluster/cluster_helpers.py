@@ -63,6 +63,9 @@ class LocalRayCluster:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ADDRESS": "",
+            # Without it, a token left in ~/.ray/auth_token (any local `ray.init()` writes one)
+            # turns token auth on for some of the cluster's processes and not for others.
+            "RAY_AUTH_MODE": "disabled",
         }
         self.groups: dict[str, int] = {}  # node name -> process group
         self.node_ids: dict[str, str] = {}

@@ -116,7 +116,7 @@ def add_parser(sub) -> None:
         metavar="N",
         help="Keep N processes that have imported torch, transformers and peft ready for the next "
         "job worker or inference instance, refilled in the background (default 2: one job and "
-        "one instance; 0: off). Not used with --ray-address.",
+        "one instance; 0: off). With --ray-address, N on every node of the cluster.",
     )
     p.set_defaults(func=run)
 

@@ -2,10 +2,12 @@
 
 `RayInstanceProcess` (on the head) creates an `InstanceRunner` actor holding the instance's
 `num_cpus`/`num_gpus` on the node the `ClusterPool` chose. The actor starts
-`python -m sllm.serve.instance --host <node address>` in its own process group there; the head
-then talks HTTP to that address, exactly as it talks to a local instance on 127.0.0.1. The
-instance dies with its actor (PR_SET_PDEATHSIG); when the node dies, `poll()` reports an exit
-and the reaper frees the instance's share, so the next request starts one elsewhere.
+`python -m sllm.serve.instance --host <node address>` in its own process group there (in a warm
+process of the node's pool when one fits, `sllm.cluster.nodepool`); the head then talks HTTP to
+that address, exactly as it talks to a local instance on 127.0.0.1. The instance dies with its
+actor (PR_SET_PDEATHSIG, or a pidfd watch of the actor for a pooled process); when the node
+dies, `poll()` reports an exit and the reaper frees the instance's share, so the next request
+starts one elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sllm.cluster.nodepool import NodePools, PooledProcess, launch_on_node
 from sllm.cluster.runner import FORWARDED_ENV, node_env
 from sllm.jobs.launcher import tail
 from sllm.jobs.resources import Allocation
@@ -40,26 +43,34 @@ class InstanceRunner:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | PooledProcess | None = None
         self.log_path: Path | None = None
         self.ready_file: Path | None = None
         self.address = ""
 
-    def start(self, args: list[str], paths: dict[str, str], num_cpus: int, forwarded) -> dict:
+    def start(
+        self, args: list[str], paths: dict[str, str], num_cpus: int, forwarded, pool=None
+    ) -> dict:
+        """Start the instance (from `pool`, the node's warm pool, when it has a process that
+        fits); returns where it runs."""
         import ray
 
         self.address = ray.util.get_node_ip_address()
         self.log_path, self.ready_file = Path(paths["log"]), Path(paths["ready"])
         self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "sllm.serve.instance", "--host", self.address, *args]
+        module_args = ["--host", self.address, *args]
         env = node_env(num_cpus, forwarded)
-        self.proc = spawn(cmd, env=env, log_path=self.log_path)
+        self.proc = launch_on_node(pool, "sllm.serve.instance", module_args, env, self.log_path)
+        if self.proc is None:
+            cmd = [sys.executable, "-m", "sllm.serve.instance", *module_args]
+            self.proc = spawn(cmd, env=env, log_path=self.log_path)
         return {
             "pid": self.proc.pid,
             "node_id": ray.get_runtime_context().get_node_id(),
             "address": self.address,
             "hostname": socket.gethostname(),
+            "pooled": isinstance(self.proc, PooledProcess),
         }
 
     def ready(self) -> dict | None:
@@ -96,8 +107,9 @@ class InstanceRunner:
 class RayInstanceProcess:
     """The head's handle on one instance on the cluster (the `InstanceProcess` interface)."""
 
-    def __init__(self, workdir: Path, name: str, runner_cls) -> None:
+    def __init__(self, workdir: Path, name: str, runner_cls, pools: NodePools | None) -> None:
         self.workdir = workdir
+        self._pools = pools
         self.name = name
         self.ready_file = workdir / f"{name}.ready.json"
         self.log_path = workdir / f"{name}.log"
@@ -131,7 +143,8 @@ class RayInstanceProcess:
         paths = {"log": str(self.log_path), "ready": str(self.ready_file)}
         forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         forwarded[SECRET_ENV] = self.secret
-        started = self._actor.start.remote(args, paths, alloc.cpus, forwarded)
+        pool = self._pools.get(alloc.node) if self._pools else None
+        started = self._actor.start.remote(args, paths, alloc.cpus, forwarded, pool)
         try:
             self.placement = ray.get(started, timeout=PLACE_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -191,10 +204,11 @@ class RayInstanceProcess:
 class RayInstances:
     """The factory `Scaler` calls instead of `InstanceProcess(workdir, name)`."""
 
-    def __init__(self) -> None:
+    def __init__(self, pools: NodePools | None = None) -> None:
         import ray
 
         self._runner_cls = ray.remote(InstanceRunner)
+        self._pools = pools
 
     def __call__(self, workdir: Path, name: str) -> RayInstanceProcess:
-        return RayInstanceProcess(workdir, name, self._runner_cls)
+        return RayInstanceProcess(workdir, name, self._runner_cls, self._pools)

@@ -2,15 +2,16 @@
 
 For each job the supervisor starts, `RayLauncher` creates a `JobRunner` actor holding the job's
 `num_cpus`/`num_gpus` as Ray resources, pinned to the node the `ClusterPool` chose; the actor
-spawns the worker there. A thread per job (on the head) pulls the worker's reports from the actor
-and writes them to SQLite, then reports the exit code. Cancel and timeout signal the worker's
-process group through the actor; if the actor does not answer, Ray kills it, and the worker dies
+starts the worker there, in a warm process of the node's pool when one fits (`nodepool.py`).
+A thread per job (on the head) pulls the worker's reports from the actor and writes them to
+SQLite, then reports the exit code. Cancel and timeout signal the worker's process group
+through the actor; if the actor does not answer, Ray kills it, and the worker dies
 with it. When the actor dies because its node died, the handle says so (`node_lost`) and the
 supervisor re-queues the job once, then fails it with `node_lost`.
 
-`RayCluster` ties it together for `Services`: it connects to Ray, keeps the pool's node list in
-step with `ray.nodes()`, hands `DeploymentService` its instance factory (`instances.py`) and
-disconnects on stop. Only this package imports Ray.
+`RayCluster` ties it together for `Services`: it connects to Ray, keeps the pool's node list (and
+a warm pool per node) in step with `ray.nodes()`, hands `DeploymentService` its instance factory
+(`instances.py`) and disconnects on stop. Only this package imports Ray.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sllm.cluster.instances import RayInstances
+from sllm.cluster.nodepool import NodePools
 from sllm.cluster.pool import ClusterPool, NodeCapacity
 from sllm.cluster.runner import FORWARDED_ENV, JobRunner
 from sllm.jobs.db import JobRecord, JobStore
@@ -104,8 +106,10 @@ class RayHandle:
         alloc: Allocation,
         store: JobStore,
         on_node_lost: Callable[[], None] = lambda: None,
+        node_pool: Any = None,
     ) -> None:
         self.job_id = job_id
+        self.node_pool = node_pool
         self.on_node_lost = on_node_lost
         self.actor = actor
         self.alloc = alloc
@@ -173,7 +177,7 @@ class RayHandle:
 
         rc = 1
         try:
-            info = ray.get(self.actor.start.remote(spec, forwarded))
+            info = ray.get(self.actor.start.remote(spec, forwarded, self.node_pool))
             self._placed(info)
             rc = self._follow()
         except Exception as exc:  # noqa: BLE001 - every way of ending must reach the supervisor
@@ -192,11 +196,12 @@ class RayHandle:
     def _placed(self, info: dict[str, Any]) -> None:
         self.pid, self.host = info["pid"], info["hostname"]
         self.store.set_worker(self.job_id, self.pid, self.host)
+        process = "a warm process of the node's pool" if info.get("pooled") else "a fresh process"
         self.store.add_event(
             self.job_id,
             "placement",
             f"Worker started on Ray node {info['node_id'][:12]} ({info['address']}, host "
-            f"{info['hostname']}), pid {info['pid']}.",
+            f"{info['hostname']}), pid {info['pid']}, {process}.",
             info,
         )
         with self._lock:
@@ -261,11 +266,12 @@ def _node_alive(node_id: str | None) -> bool:
 
 
 class RayLauncher:
-    def __init__(self, store: JobStore, pool: ClusterPool) -> None:
+    def __init__(self, store: JobStore, pool: ClusterPool, warm: NodePools | None = None) -> None:
         import ray
 
         self.store = store
         self.pool = pool
+        self.warm = warm
         self._runner = ray.remote(JobRunner)
         self._handles: dict[str, RayHandle] = {}
 
@@ -285,7 +291,8 @@ class RayLauncher:
         if alloc.node:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(alloc.node, soft=False)
         actor = self._runner.options(**options).remote(job_id)
-        handle = RayHandle(job_id, actor, alloc, self.store, self.refresh_nodes)
+        node_pool = self.warm.get(alloc.node) if self.warm else None
+        handle = RayHandle(job_id, actor, alloc, self.store, self.refresh_nodes, node_pool)
         self._handles = {k: h for k, h in self._handles.items() if not h.done.is_set()}
         self._handles[job_id] = handle
         handle.watch(job_spec(rec, self.store.path.parent), on_exit)
@@ -312,12 +319,17 @@ class RayLauncher:
 class RayCluster:
     """Connection, node-following pool and launcher of one server on one Ray cluster."""
 
-    def __init__(self, address: str, store: JobStore) -> None:
+    def __init__(self, address: str, store: JobStore, warm_pool: int = 0) -> None:
         connect(address)
         self.address = address
         self.pool = ClusterPool(read_nodes())
-        self.launcher = RayLauncher(store, self.pool)
-        self.instances = RayInstances()  # the process factory of DeploymentService
+        self.warm: NodePools | None = None
+        if warm_pool > 0:  # `warm_pool` idle processes on every node
+            forwarded = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            self.warm = NodePools(warm_pool, store.path.parent, forwarded)
+            self.warm.sync([n.node_id for n in self.pool.nodes()])
+        self.launcher = RayLauncher(store, self.pool, self.warm)
+        self.instances = RayInstances(self.warm)  # the process factory of DeploymentService
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         log.info("on Ray cluster %s: %s", address, self.pool.nodes())
@@ -331,6 +343,8 @@ class RayCluster:
     def _follow_nodes(self, on_change: Callable[[], None]) -> None:
         while not self._stop.wait(REFRESH_S):
             if self.launcher.refresh_nodes():
+                if self.warm is not None:
+                    self.warm.sync([n.node_id for n in self.pool.nodes()])
                 on_change()
 
     def close(self, timeout: float = 15.0) -> None:
@@ -339,4 +353,6 @@ class RayCluster:
 
         self._stop.set()
         self.launcher.wait_all(timeout)
+        if self.warm is not None:
+            self.warm.close()
         ray.shutdown()

@@ -1,11 +1,13 @@
 """The Ray actor that runs one job's worker process on whichever node Ray placed it.
 
-It spawns `python -m sllm.jobs.worker --report-fd N` in a new session (process group) on its
-node, hands it the job spec on stdin and collects the worker's reports (progress, events, result,
-error) from the pipe; the head pulls them with `next_reports` and writes them to SQLite, so only
-the head ever opens the database. `signal` stops the whole group; the worker also dies with the
-actor (PR_SET_PDEATHSIG), so when Ray kills the actor, or its node or the server's driver
-goes away, no training is left running.
+It runs `python -m sllm.jobs.worker --report-path FIFO` in a new session (process group) on its
+node: in a warm process of the node's pool when one fits (`sllm.cluster.nodepool`), else in a
+fresh one. It hands the worker the job spec on stdin and collects its reports (progress, events,
+result, error) from the FIFO; the head pulls them with `next_reports` and writes them to SQLite,
+so only the head ever opens the database. `signal` stops the whole group; the worker also dies
+with the actor (PR_SET_PDEATHSIG for a fresh process, a pidfd watch of the actor for a pooled
+one), so when Ray kills the actor, or its node or the server's driver goes away, no training is
+left running.
 
 This module is imported on the nodes by Ray; it imports Ray only inside the actor's methods.
 """
@@ -15,15 +17,18 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from sllm.cluster.nodepool import PooledProcess, launch_on_node
 from sllm.jobs.launcher import tail
 
 _EOF = object()
@@ -51,13 +56,18 @@ def node_env(num_cpus: int, forwarded: dict[str, str]) -> dict[str, str]:
 class JobRunner:
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | PooledProcess | None = None
         self.log_path: Path | None = None
         self._reports: queue.Queue = queue.Queue()
         self._reader: threading.Thread | None = None
+        self._fifo_dir: Path | None = None
+        self._hold: int | None = None  # our own writing end: no EOF before the worker exits
 
-    def start(self, spec: dict[str, Any], forwarded: dict[str, str]) -> dict[str, Any]:
-        """Spawn the worker; returns where it runs (node id, address, host name, pid)."""
+    def start(
+        self, spec: dict[str, Any], forwarded: dict[str, str], pool: Any = None
+    ) -> dict[str, Any]:
+        """Start the worker (from `pool`, the node's warm pool, when it has a process that
+        fits); returns where it runs (node id, address, host name, pid, pooled)."""
         import ray
 
         storage = Path(spec["storage_path"])
@@ -69,32 +79,48 @@ class JobRunner:
         job_dir = storage / "_jobs" / self.job_id
         job_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = job_dir / "worker.log"
-        read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, "-m", "sllm.jobs.worker", "--report-fd", str(write_fd), self.job_id]
-        try:
+        # A FIFO on the node's own disk, as the worker may not be our child to inherit a pipe.
+        self._fifo_dir = Path(tempfile.mkdtemp(prefix=f"sllm-{self.job_id}-"))
+        fifo = self._fifo_dir / "reports"
+        os.mkfifo(fifo, 0o600)
+        read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        self._hold = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.set_blocking(read_fd, True)
+        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
+        self._reader.start()
+        args = ["--report-path", str(fifo), self.job_id]
+        env = node_env(spec["num_cpus"], forwarded)
+        data = json.dumps(spec)
+        self.proc = launch_on_node(pool, "sllm.jobs.worker", args, env, self.log_path, data)
+        if self.proc is None:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    cmd,
+                    [sys.executable, "-m", "sllm.jobs.worker", *args],
                     stdin=subprocess.PIPE,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    env=node_env(spec["num_cpus"], forwarded),
+                    env=env,
                     start_new_session=True,
-                    pass_fds=(write_fd,),
                 )
-        finally:
-            os.close(write_fd)
-        self._reader = threading.Thread(target=self._read, args=(read_fd,), daemon=True)
-        self._reader.start()
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(spec).encode())
-        self.proc.stdin.close()
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(data.encode())
+            self.proc.stdin.close()
         return {
             "pid": self.proc.pid,
             "node_id": ray.get_runtime_context().get_node_id(),
             "address": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(),
+            "pooled": isinstance(self.proc, PooledProcess),
         }
+
+    def _release(self) -> None:
+        """The worker exited: let the reader reach EOF once it has read what is left."""
+        if self._hold is not None:
+            os.close(self._hold)
+            self._hold = None
+        if self._fifo_dir is not None:
+            shutil.rmtree(self._fifo_dir, ignore_errors=True)
+            self._fifo_dir = None
 
     def _read(self, fd: int) -> None:
         with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as pipe:
@@ -118,6 +144,7 @@ class JobRunner:
         rc = self.proc.poll()
         if rc is None:
             return {"reports": items, "rc": None}
+        self._release()
         if not eof and self._reader is not None:
             self._reader.join(timeout=2.0)  # the last lines are still in the pipe
             items += self._collect(0)[0]

@@ -7,8 +7,9 @@ server's warm pool (`sllm.procpool`), which imported torch, transformers and pef
 Two ways to run it:
 
     python -m sllm.jobs.worker --db PATH JOB_ID             # local: reads and writes SQLite
-    python -m sllm.jobs.worker --report-fd N JOB_ID < spec  # Ray node: spec as JSON on stdin,
-                                                            # reports as JSON lines on fd N
+    python -m sllm.jobs.worker --report-path FIFO JOB_ID < spec  # Ray node: spec as JSON on
+                                                                 # stdin, reports as JSON lines
+                                                                 # to the FIFO
 
 SIGTERM (a clean server shutdown) makes it save a checkpoint at the next step boundary and exit
 with `EXIT_STOPPED` (see `sllm.finetune.checkpoints.GracefulStop`). What it writes besides the
@@ -323,13 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sllm-worker")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--db", type=Path, help="Job database (local mode).")
-    where.add_argument("--report-fd", type=int, help="Pipe for reports; spec on stdin (Ray mode).")
+    where.add_argument("--report-path", type=Path, help="FIFO for reports; spec on stdin (Ray).")
     parser.add_argument("job_id")
     args = parser.parse_args(argv)
     die_with_parent()
-    if args.report_fd is not None:
+    if args.report_path is not None:  # the node's runner holds the FIFO's reading end open
         graceful_stop.install()  # no database on a Ray node: every SIGTERM stops cleanly
-        return run_piped(args.report_fd, args.job_id, sys.stdin.read())
+        fd = os.open(args.report_path, os.O_WRONLY)
+        return run_piped(fd, args.job_id, sys.stdin.read())
     store = JobStore(args.db)
     graceful_stop.install(job_ended=lambda: store.status_of(args.job_id) is not JobStatus.RUNNING)
     try:
