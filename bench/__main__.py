@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--variants", default=None, help="finetune, host: comma-separated variants")
     parser.add_argument("--repeat", type=int, default=1, help="finetune: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="load: rounds (5; 3 on cuda)")
     parser.add_argument("--deadline-s", type=float, default=None, help="finetune: stop starting")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         elif what == "load":
             from bench import load
 
-            load.run(args.size, device, out_dir=args.out)
+            load.run(args.size, device, out_dir=args.out, rounds=args.rounds)
     return 0
 
 

@@ -7,7 +7,8 @@
 #   3. finetune, OPT-125m shape: the same four;
 #   4. host, 1.1B and OPT-125m shapes: ops, host ms and device-busy ms per optimizer step,
 #      baseline vs default (is the default step bound by the host or by the GPU?);
-#   5. load, 1.1B shape (bf16): the store's load_model against from_pretrained, onto the GPU.
+#   5. load, 1.1B shape (bf16), 3 rounds: the store's fast path (pinned buffers, overlapped
+#      copies) vs its from_pretrained path vs from_pretrained + .to, and the pinned copy bandwidth.
 # Each step gets what is left of BUDGET_S and is killed at its share, so a slow step costs only its
 # own result. Wheels the image lacks (bench/gpu/fetch_wheels.sh puts them in .whl/) are installed
 # into /tmp/site first.
@@ -90,4 +91,5 @@ bench host "host-$SIZE_OPT" 60 --size "$SIZE_OPT" --workdir "$WORK/opt"
 bench load "load-$SIZE_LLAMA" 70 --size "$SIZE_LLAMA"
 say "done; tables:"
 grep -A8 "^| variant" "$LOG" | tail -40 >>"$LOG"
+grep -A7 "^| load (model" "$LOG" | tail -8 >>"$LOG"
 tail -45 "$LOG"

@@ -197,7 +197,8 @@ def pick_device(requested: str) -> str:
 def load_engine(args: argparse.Namespace, phases: dict[str, float]):
     """The started engine; `phases` gets the seconds of each cold-start step (`process_s`: from
     the server's launch call until torch, transformers and peft are imported, about zero for a
-    process from the warm pool; `model_load_s`; `first_forward_s`)."""
+    process from the warm pool; `model_load_s` and `model_load_gb_per_s`, the files' GB/s onto the
+    device; `first_forward_s`)."""
     import peft  # noqa: F401 - imported here so a fresh process's import cost is counted
     import torch
 
@@ -214,8 +215,12 @@ def load_engine(args: argparse.Namespace, phases: dict[str, float]):
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else None
     t0 = time.monotonic()
-    model, tokenizer = load_model(Path(args.storage), args.model, device=device, dtype=dtype)
+    stats: dict[str, Any] = {}
+    model, tokenizer = load_model(
+        Path(args.storage), args.model, device=device, dtype=dtype, stats=stats
+    )
     phases["model_load_s"] = round(time.monotonic() - t0, 4)
+    phases["model_load_gb_per_s"] = stats.get("gb_per_s", 0.0)
     t0 = time.monotonic()
     first_forward(model, tokenizer, device)
     phases["first_forward_s"] = round(time.monotonic() - t0, 4)

@@ -365,7 +365,8 @@ class InstanceStatus(BaseModel):
     cold_start_phases: dict[str, float] = Field(
         default_factory=dict,
         description="Seconds of each cold-start step: `process_s` (launch call until torch, "
-        "transformers and peft are imported: about 0 from the warm pool), `model_load_s`, "
+        "transformers and peft are imported: about 0 from the warm pool), `model_load_s` (and "
+        "`model_load_gb_per_s`: the weights' GB/s onto the device, not seconds), "
         "`first_forward_s`, `adapters_s` (loading the deployment's adapters).",
     )
     idle_seconds: float | None = None

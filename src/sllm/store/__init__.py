@@ -7,7 +7,8 @@
     model_users(storage, model) -> list[ModelUser]
     model_checksum(storage, model) -> str | None
     verify_model(storage, model) -> bool
-    load_model(storage, model, device="cpu", dtype=None) -> (model, tokenizer)
+    load_model(storage, model, device="cpu", dtype=None, *, fast=None, stats=None)
+        -> (model, tokenizer)   # fast path on accelerators: store/fastload.py
     read_manifest(storage, model) -> dict | None
 
 Importing this package does not import torch or transformers.
