@@ -1,17 +1,21 @@
-"""Submit-to-running latency of a fine-tuning job: the local launcher vs a Ray cluster.
+"""Submit-to-running latency of a fine-tuning job: the local launcher vs a Ray cluster, with the
+warm pool (`--warm-pool`, default 2: per node on Ray) and, on Ray, without it.
 
-    python bench/ray_latency.py                  # 6 jobs per path, about 4 minutes on 2 cores
+    python bench/ray_latency.py                  # 6 jobs per path, about 6 minutes on 2 cores
     python bench/ray_latency.py --jobs 8 --ray-worker-niceness 0
 
-It starts two `sllm start` servers, each on its own fresh store holding the tiny test llama: one
-local, one on a Ray cluster. It submits short jobs one at a time, alternating between the two
-(so whatever else runs on the machine slows both alike), and times, from just before the POST:
+It starts three `sllm start` servers, each on its own fresh store holding the tiny test llama:
+one local, two on the same Ray cluster (one with its per-node warm pools, one with
+`--warm-pool 0`). It submits short jobs one at a time, in turn to each (so whatever else runs on
+the machine slows all alike), and times, from just before the POST:
 
   running     the job's record says `running` (the supervisor's decision: the same code and the
               same few milliseconds on both paths)
-  spawned     the worker process exists: local, right after the fork; Ray, once the job's actor
-              was created on its node and spawned the worker there
-  first_step  the worker reported its first training step (includes its ~4-5 s of imports)
+  spawned     the worker process exists: local, right after the fork (or the hand-over to a
+              warm process); Ray, once the job's actor was created on its node and started the
+              worker there
+  first_step  the worker reported its first training step (includes its ~4-5 s of imports
+              when the process is fresh)
   done        the job completed
 
 The Ray path runs on a real two-node cluster on loopback started by the cluster tests' helpers
@@ -44,6 +48,7 @@ from cluster_helpers import LocalRayCluster  # noqa: E402
 from tests.conftest import Server, job_config, write_dataset  # noqa: E402
 
 MARKS = ("running", "spawned", "first_step", "done")
+PATHS = ("local", "ray", "ray_no_pool")  # the local server and "ray" keep the default pool
 
 
 def make_store(root: Path) -> Path:
@@ -89,7 +94,7 @@ def time_one(server: Server, storage: Path, name: str) -> dict[str, float]:
     return marks
 
 
-def run_both(servers: dict[str, tuple[Server, Path]], jobs: int) -> dict[str, list[dict]]:
+def run_all(servers: dict[str, tuple[Server, Path]], jobs: int) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {label: [] for label in servers}
     for label, (server, storage) in servers.items():
         time_one(server, storage, f"{label}-warmup")  # the first submit pays validation imports
@@ -128,21 +133,20 @@ def main() -> int:
         try:
             cluster.start_head(cpus=1)
             cluster.add_node("node_b", cpus=2)
-            local_store = make_store(Path(tmp) / "local")
-            ray_store = make_store(Path(tmp) / "ray")
-            servers.append(Server(local_store, "--num-cpus", "1").start())
-            servers.append(
-                Server(ray_store, "--ray-address", cluster.address, env=cluster.env).start()
-            )
-            runs = run_both(
-                {"local": (servers[0], local_store), "ray": (servers[1], ray_store)}, args.jobs
-            )
+            stores = {label: make_store(Path(tmp) / label) for label in PATHS}
+            on_ray = ("--ray-address", cluster.address)
+            options = {"local": ("--num-cpus", "1"), "ray": on_ray}
+            options["ray_no_pool"] = (*on_ray, "--warm-pool", "0")
+            paths = {}
+            for label in PATHS:
+                servers.append(Server(stores[label], *options[label], env=cluster.env).start())
+                paths[label] = (servers[-1], stores[label])
+            runs = run_all(paths, args.jobs)
         finally:
             for server in servers:
                 server.stop()
             cluster.stop()
-    local, ray = runs["local"], runs["ray"]
-    result = {"local": summary(local), "ray": summary(ray)}
+    result: dict = {label: summary(runs[label]) for label in PATHS}
     result["ray_extra_median_s"] = {
         m: round(result["ray"][m]["median_s"] - result["local"][m]["median_s"], 4) for m in MARKS
     }
@@ -152,10 +156,11 @@ def main() -> int:
     import ray as ray_module
 
     result["machine"]["ray"] = ray_module.__version__
-    print(f"{'':12}{'local':>10}{'ray':>10}{'extra':>10}   (medians, seconds from the POST)")
+    head = "".join(f"{label:>13}" for label in PATHS)
+    print(f"{'':12}{head}{'ray extra':>11}   (medians, seconds from the POST)")
     for m in MARKS:
-        lo, ra = result["local"][m]["median_s"], result["ray"][m]["median_s"]
-        print(f"{m:12}{lo:10.3f}{ra:10.3f}{ra - lo:10.3f}")
+        cells = "".join(f"{result[label][m]['median_s']:13.3f}" for label in PATHS)
+        print(f"{m:12}{cells}{result['ray_extra_median_s'][m]:11.3f}")
     suffix = "" if args.ray_worker_niceness is None else f"_nice{args.ray_worker_niceness}"
     out = HERE / "results" / f"ray_latency{suffix}.json"
     out.parent.mkdir(exist_ok=True)

@@ -144,6 +144,17 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def wait_for(cond, timeout: float = 60.0, what: str = "condition", poll: float = 0.05):
+    """`cond()`'s first truthy value, polled until `timeout` s have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def wait_dead(pid: int, timeout: float = 15) -> float:
     """Seconds until `pid` is gone (a zombie counts as gone); fails after `timeout`."""
     start = time.monotonic()

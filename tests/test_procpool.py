@@ -16,17 +16,7 @@ import pytest
 from sllm.jobs.launcher import kill_stale_worker, worker_env
 from sllm.jobs.resources import Allocation
 from sllm.procpool import WarmPool, start_time
-from tests.conftest import TINY, job_config, pid_alive, stored_server, wait_dead
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import TINY, job_config, pid_alive, stored_server, wait_dead, wait_for
 
 
 def probe(pool: WarmPool, tmp: Path, name: str, alloc: Allocation, **extra_env) -> dict:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from cluster_helpers import cmdline, raylet_node_of
 
-from tests.conftest import job_config, wait_dead, wait_progress
+from tests.conftest import job_config, wait_dead, wait_for, wait_progress
 
 pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
@@ -51,16 +50,6 @@ def pool_children(cluster) -> dict[str, set[int]]:
         if node:
             found.setdefault(node, set()).add(pid)
     return found
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_jobs_and_instances_take_their_nodes_warm_processes(cluster, storage, server_factory):

@@ -18,7 +18,7 @@ from sllm.jobs.states import JobStatus
 from sllm.jobs.worker import EXIT_STOPPED
 from sllm.paths import db_path, jobs_dir
 from sllm.procpool import WarmPool
-from tests.conftest import TINY, job_config
+from tests.conftest import TINY, job_config, wait_for
 
 
 @pytest.fixture
@@ -59,16 +59,6 @@ def create(store: JobStore, storage: Path, data_files: str | None = None, **trai
     ).id
 
 
-def wait_for(what, timeout: float = 120, poll: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = what()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("timed out")
-
-
 def messages(store: JobStore, job_id: str) -> list[str]:
     return [e["message"] for e in store.events(job_id, limit=10_000)[0]]
 
@@ -79,7 +69,8 @@ def test_sigterm_while_training_saves_a_checkpoint_and_the_next_run_resumes_from
     job = create(store, storage, max_steps=60)
     handle = run(job)
     wait_for(
-        lambda: (store.get(job).progress or {}).get("step", 0) >= 2 or handle.poll() is not None
+        lambda: (store.get(job).progress or {}).get("step", 0) >= 2 or handle.poll() is not None,
+        120,
     )
     assert handle.poll() is None, "the run ended before it could be stopped"
     handle.terminate()
@@ -113,7 +104,7 @@ def test_sigterm_before_training_stops_at_once(storage, jobs):
     store, run, _ = jobs
     job = create(store, storage, max_steps=150)
     handle = run(job)
-    wait_for(lambda: any("Loading base model" in m for m in messages(store, job)))
+    wait_for(lambda: any("Loading base model" in m for m in messages(store, job)), 120)
     started = time.monotonic()
     handle.terminate()
     assert handle.proc.wait(timeout=60) == EXIT_STOPPED
@@ -153,7 +144,8 @@ def test_sigterm_for_a_cancelled_job_kills_the_worker_without_a_checkpoint(stora
     job = create(store, storage, max_steps=500)
     handle = run(job)
     wait_for(
-        lambda: (store.get(job).progress or {}).get("step", 0) >= 2 or handle.poll() is not None
+        lambda: (store.get(job).progress or {}).get("step", 0) >= 2 or handle.poll() is not None,
+        120,
     )
     assert store.transition(job, JobStatus.CANCELLED, message="Cancelled by user.")
     handle.terminate()

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from serve_helpers import LLAMA, OPT, ServerProcess, seed_job_config
 
+from tests.conftest import wait_for
+
 pytestmark = pytest.mark.slow
 
 CHAT = {"model": LLAMA, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -27,16 +29,6 @@ def long_job(server: ServerProcess, output_dir: str) -> str:
 
 def job_status(server: ServerProcess, job_id: str) -> str:
     return server.client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]["status"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_jobs_and_instances_never_share_a_cpu(store):
