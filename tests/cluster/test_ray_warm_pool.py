@@ -105,3 +105,39 @@ def test_jobs_and_instances_take_their_nodes_warm_processes(cluster, storage, se
     for pid in everything:
         wait_dead(pid, timeout=30)
     assert not pool_children(cluster)
+
+
+def test_a_failed_node_pool_costs_a_fresh_process_then_is_replaced(
+    cluster, storage, server_factory
+):
+    srv = server_factory(
+        storage, "--ray-address", cluster.address, "--warm-pool", "1", env=cluster.env
+    )
+    on_b = cluster.node_ids["node_b"]
+    (child,) = wait_for(lambda: pool_children(cluster).get("node_b"), 120, "node_b's pool")
+    pool_actor = parent_of(child)
+    assert " ".join(cmdline(pool_actor)).startswith("ray::NodePool")
+    os.kill(pool_actor, signal.SIGKILL)  # e.g. the OOM killer: its idle child goes with it
+    wait_dead(child, timeout=20)
+
+    cfg = job_config(storage, output_dir="tiny/adapters/fresh", num_cpus=2)
+    job = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
+    body = srv.wait_status(job, {"completed", "failed"}, timeout=180)
+    assert body["status"]["status"] == "completed", body["status"].get("error")
+    events = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10000})
+    (placed,) = [e for e in events.json()["data"] if e["type"] == "placement"]
+    assert placed["data"]["node_id"] == on_b and not placed["data"]["pooled"], placed
+    assert placed["data"]["pool_failed"] and "a fresh process" in placed["message"]
+    log = (storage / "_jobs" / job / "worker.log").read_text()
+    assert log.startswith("sllm: starting a fresh process: the node's warm pool did not answer")
+
+    # The head starts another pool on node_b, and the next job there is warm again.
+    new = wait_for(lambda: pool_children(cluster).get("node_b"), 120, "a new pool on node_b")
+    assert parent_of(next(iter(new))) != pool_actor
+    cfg = job_config(storage, output_dir="tiny/adapters/warm-again", num_cpus=2)
+    job = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
+    body = srv.wait_status(job, {"completed", "failed"}, timeout=180)
+    assert body["status"]["status"] == "completed", body["status"].get("error")
+    events = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10000})
+    (placed,) = [e for e in events.json()["data"] if e["type"] == "placement"]
+    assert placed["data"]["pooled"] and placed["data"]["pid"] in new

@@ -61,7 +61,9 @@ class InstanceRunner:
         self.ready_file.unlink(missing_ok=True)
         module_args = ["--host", self.address, *args]
         env = node_env(num_cpus, forwarded)
-        self.proc = launch_on_node(pool, "sllm.serve.instance", module_args, env, self.log_path)
+        self.proc, how = launch_on_node(
+            pool, "sllm.serve.instance", module_args, env, self.log_path
+        )
         if self.proc is None:
             cmd = [sys.executable, "-m", "sllm.serve.instance", *module_args]
             self.proc = spawn(cmd, env=env, log_path=self.log_path)
@@ -70,7 +72,7 @@ class InstanceRunner:
             "node_id": ray.get_runtime_context().get_node_id(),
             "address": self.address,
             "hostname": socket.gethostname(),
-            "pooled": isinstance(self.proc, PooledProcess),
+            **how,
         }
 
     def ready(self) -> dict | None:
@@ -154,6 +156,8 @@ class RayInstanceProcess:
                 f"{PLACE_TIMEOUT_S:.0f}s (is something else using that node's resources?)"
             ) from None
         self._pid = self.placement["pid"]
+        if self.placement.get("pool_failed") and self._pools:
+            self._pools.failed(alloc.node, pool)
         threading.Thread(target=self._wait_exit, name=f"ray-{self.name}", daemon=True).start()
 
     def _wait_exit(self) -> None:

@@ -107,9 +107,11 @@ class RayHandle:
         store: JobStore,
         on_node_lost: Callable[[], None] = lambda: None,
         node_pool: Any = None,
+        on_pool_failed: Callable[[str | None, Any], None] | None = None,
     ) -> None:
         self.job_id = job_id
         self.node_pool = node_pool
+        self.on_pool_failed = on_pool_failed
         self.on_node_lost = on_node_lost
         self.actor = actor
         self.alloc = alloc
@@ -204,6 +206,8 @@ class RayHandle:
             f"{info['hostname']}), pid {info['pid']}, {process}.",
             info,
         )
+        if info.get("pool_failed") and self.on_pool_failed is not None:
+            self.on_pool_failed(self.alloc.node, self.node_pool)
         with self._lock:
             self._started = True
             stopping = self._stopping
@@ -292,7 +296,8 @@ class RayLauncher:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(alloc.node, soft=False)
         actor = self._runner.options(**options).remote(job_id)
         node_pool = self.warm.get(alloc.node) if self.warm else None
-        handle = RayHandle(job_id, actor, alloc, self.store, self.refresh_nodes, node_pool)
+        failed = self.warm.failed if self.warm else None
+        handle = RayHandle(job_id, actor, alloc, self.store, self.refresh_nodes, node_pool, failed)
         self._handles = {k: h for k, h in self._handles.items() if not h.done.is_set()}
         self._handles[job_id] = handle
         handle.watch(job_spec(rec, self.store.path.parent), on_exit)
@@ -342,9 +347,10 @@ class RayCluster:
 
     def _follow_nodes(self, on_change: Callable[[], None]) -> None:
         while not self._stop.wait(REFRESH_S):
-            if self.launcher.refresh_nodes():
-                if self.warm is not None:
-                    self.warm.sync([n.node_id for n in self.pool.nodes()])
+            changed = self.launcher.refresh_nodes()
+            if self.warm is not None:  # new nodes, and nodes whose pool failed, get one
+                self.warm.sync([n.node_id for n in self.pool.nodes()])
+            if changed:
                 on_change()
 
     def close(self, timeout: float = 15.0) -> None:

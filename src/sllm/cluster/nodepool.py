@@ -180,15 +180,16 @@ def launch_on_node(
     env: dict[str, str],
     log_path: Path,
     stdin: str | None = None,
-) -> PooledProcess | None:
-    """`module.main(args)` in a warm process of this node's pool, owned by the calling process;
-    None (spawn a fresh one) when there is no pool, no child fits, or the pool cannot answer.
-    Why a launch got no warm process is the first line of its log."""
+) -> tuple[PooledProcess | None, dict[str, Any]]:
+    """`module.main(args)` in a warm process of this node's pool, owned by the calling process,
+    and how it went (`pooled`, `pool_failed`: the pool did not answer). The process is None
+    (spawn a fresh one) when there is no pool, no child fits, or the pool failed; why is then
+    the first line of its log."""
     if pool is None:
-        return None
+        return None, {"pooled": False, "pool_failed": False}
     import ray
 
-    why = "cannot watch its owner (no pidfd on this kernel)"
+    why, failed = "cannot watch its owner (no pidfd on this kernel)", False
     if pidfd_supported():
         owner = (os.getpid(), start_time(os.getpid()) or "")
         call = pool.launch.remote(module, args, env, str(log_path), owner, stdin)
@@ -196,12 +197,13 @@ def launch_on_node(
             got = ray.get(call, timeout=LAUNCH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - a fresh process does the same job, only later
             got = {"pid": None, "why": f"did not answer ({type(exc).__name__}: {exc})"}
+            failed = True
         if got["pid"] is not None:
-            return PooledProcess(pool, got["pid"])
+            return PooledProcess(pool, got["pid"]), {"pooled": True, "pool_failed": False}
         why = got["why"]
     with open(log_path, "a", encoding="utf-8") as out:
         out.write(f"sllm: starting a fresh process: the node's warm pool {why}\n")
-    return None
+    return None, {"pooled": False, "pool_failed": failed}
 
 
 class NodePools:
@@ -219,7 +221,8 @@ class NodePools:
         self._lock = threading.Lock()
 
     def sync(self, node_ids: list[str]) -> None:
-        """Start a pool on each new node; forget those of nodes gone (Ray ended their actors)."""
+        """Start a pool on each new node (and again on one whose pool failed); forget those of
+        nodes gone (Ray ended their actors)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         with self._lock:
@@ -235,6 +238,20 @@ class NodePools:
                     name=f"sllm-warm-pool-{node[:12]}-{self._tag}",
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 ).remote(self.size, str(self.storage), self.forwarded)
+
+    def failed(self, node_id: str | None, actor: Any) -> None:
+        """A runner found `actor`, the pool of `node_id`, dead: the next `sync` starts another."""
+        import ray
+
+        with self._lock:
+            if node_id is None or self._actors.get(node_id) is not actor:
+                return  # replaced already
+            del self._actors[node_id]
+        log.warning("the warm pool on Ray node %s failed; starting another", node_id[:12])
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already
+            pass
 
     def get(self, node_id: str | None) -> Any:
         with self._lock:

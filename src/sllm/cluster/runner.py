@@ -91,7 +91,7 @@ class JobRunner:
         args = ["--report-path", str(fifo), self.job_id]
         env = node_env(spec["num_cpus"], forwarded)
         data = json.dumps(spec)
-        self.proc = launch_on_node(pool, "sllm.jobs.worker", args, env, self.log_path, data)
+        self.proc, how = launch_on_node(pool, "sllm.jobs.worker", args, env, self.log_path, data)
         if self.proc is None:
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
@@ -110,7 +110,7 @@ class JobRunner:
             "node_id": ray.get_runtime_context().get_node_id(),
             "address": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(),
-            "pooled": isinstance(self.proc, PooledProcess),
+            **how,
         }
 
     def _release(self) -> None:
