@@ -13,8 +13,8 @@ import sys
 import httpx
 import pytest
 
-from sllm.api.edge import BadJSON, parse_json
 from sllm.cli.start import is_loopback, refuse_open_server
+from sllm.strictjson import BadJSON, parse_json
 from tests.conftest import job_config
 
 KEY = "sk-test-edge-0123456789"

@@ -12,12 +12,11 @@ passed these checks:
 - Uploads: a `multipart/form-data` POST to one of `streamed_paths` (the Files API) is passed on
   unread, for the route to stream to disk; its limit is `max_upload_bytes` (checked here against
   `Content-Length`, and by the file store as the bytes arrive), not `max_body_bytes`.
-- JSON hygiene: the body must parse as strict JSON (no `NaN`/`Infinity`, no float that overflows to
-  infinity such as `1e999`, no integer beyond a signed 64-bit one), nested at most `MAX_DEPTH`
-  deep, with no unpaired UTF-16 surrogate and no NUL in any string, no control character in any
-  key, and keys at most `MAX_KEY_CHARS` long. Such a
-  value could not be stored, serialised back or used: it is a 400 naming where it was found,
-  instead of a job whose every later read answers 500.
+- JSON hygiene: the body must parse as strict JSON (`sllm.strictjson`, which the file store
+  applies to every uploaded line too: no `NaN`/`Infinity`, no overflowing number, bounded
+  nesting, no NUL or unpaired surrogate). Such a value could not be stored, serialised back or
+  used: it is a 400 naming where it was found, instead of a job whose every later read answers
+  500.
 
 The routes then parse the same bytes again with pydantic; the extra parse of a body of a few KiB
 costs microseconds.
@@ -26,142 +25,22 @@ costs microseconds.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import math
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from sllm import console
 from sllm.api.errors import error_body, send_json
 from sllm.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_UPLOAD_BYTES
-from sllm.jobs.models import INT64_MAX
+from sllm.strictjson import BadJSON, parse_json
 
-MAX_DEPTH = 64
-MAX_KEY_CHARS = 256
 UPLOAD_FRAMING_BYTES = 64 * 1024  # multipart boundaries, part headers and the small fields
-INT64_MIN = -INT64_MAX - 1
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", *console.STATIC_PATHS})  # liveness probes, the console shell
-
-# In any string: NUL (no C API, path or tokenizer takes it) and unpaired surrogates (no UTF-8
-# encoder does). In keys (names of fields and columns) every control character but none of
-# tab/newline/CR either. Other control characters in values (a form feed in source code, an ANSI
-# escape in a chat) are stored and serialised back escaped; names and paths refuse them in their
-# own field checks (`sllm.paths.check_path_text`, `sllm.serve.fields`).
-_BAD_CHAR = re.compile(r"[\x00\ud800-\udfff]")
-_BAD_KEY_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
-
-
-class BadJSON(ValueError):
-    """The body is not JSON sllm can store and answer with; `param` says where."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-
-class _Refused:
-    """A number the parser met that sllm refuses; the walk reports it with where it was."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _refuse_constant(name: str) -> _Refused:
-    return _Refused(f"`{name}` is not a number JSON allows; send a finite number")
-
-
-def _finite_float(text: str) -> float | _Refused:
-    value = float(text)
-    if not math.isfinite(value):
-        return _Refused(f"the number {text[:40]} is too large; send a finite number")
-    return value
-
-
-def _int64(text: str) -> int | _Refused:
-    if len(text.lstrip("-")) > 19 or not INT64_MIN <= int(text) <= INT64_MAX:
-        shown = text if len(text) <= 40 else text[:40] + "..."
-        return _Refused(f"the integer {shown} does not fit in 64 bits")
-    return int(text)
-
-
-def parse_json(raw: bytes) -> Any:
-    """Strict JSON: raises `BadJSON` for what sllm cannot store or echo back."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadJSON(f"The body is not valid UTF-8 (byte {exc.start}).") from None
-    try:
-        value = json.loads(
-            text,
-            parse_constant=_refuse_constant,
-            parse_float=_finite_float,
-            parse_int=_int64,
-        )
-    except BadJSON:
-        raise
-    except RecursionError:
-        raise BadJSON(f"The body is nested too deeply (at most {MAX_DEPTH} levels).") from None
-    except ValueError as exc:
-        raise BadJSON(f"Malformed JSON body: {exc}.") from None
-    check_value(value)
-    return value
-
-
-def _where(path: list[str]) -> str | None:
-    return ".".join(path) or None
-
-
-def _check_string(s: str, path: list[str], what: str, pattern: re.Pattern = _BAD_CHAR) -> None:
-    bad = pattern.search(s)
-    if bad is None:
-        return
-    char = bad.group()
-    kind = (
-        "an unpaired UTF-16 surrogate"
-        if "\ud800" <= char <= "\udfff"
-        else f"the control character U+{ord(char):04X}"
-    )
-    where = _where(path)
-    raise BadJSON(
-        f"{what} {'at `' + where + '` ' if where else ''}contains {kind} (position "
-        f"{bad.start()}); remove it.",
-        where,
-    )
-
-
-def check_value(value: Any) -> None:
-    """Walk a parsed body (iteratively: depth is bounded, not the stack)."""
-    stack: list[tuple[Any, list[str]]] = [(value, [])]
-    while stack:
-        item, path = stack.pop()
-        if len(path) > MAX_DEPTH:
-            raise BadJSON(f"The body is nested too deeply (at most {MAX_DEPTH} levels).")
-        if isinstance(item, _Refused):
-            where = _where(path)
-            at = f"`{where}`: " if where else ""
-            raise BadJSON(f"{at}{item.reason}.", where)
-        if isinstance(item, str):
-            _check_string(item, path, "The string")
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if len(key) > MAX_KEY_CHARS:
-                    raise BadJSON(
-                        f"A key at `{_where(path) or '(top level)'}` is {len(key)} characters "
-                        f"long; keys are at most {MAX_KEY_CHARS}.",
-                        _where(path),
-                    )
-                _check_string(key, [*path, "(key)"], "A key", _BAD_KEY_CHAR)
-                stack.append((child, [*path, key]))
-        elif isinstance(item, list):
-            stack.extend((child, [*path, str(i)]) for i, child in enumerate(item))
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -222,7 +101,8 @@ class EdgeMiddleware:
         if problem is not None:
             status, message, param = problem
             type_ = "request_too_large" if status == 413 else "invalid_request_error"
-            await send_json(send, status, error_body(message, type_, param, status))
+            body = error_body(message, type_, param, status, scope["path"])
+            await send_json(send, status, body)
             return
         await self._guarded(scope, _replay(body, receive), send)
 
@@ -245,7 +125,8 @@ class EdgeMiddleware:
                 raise
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             message = f"Internal server error ({type(exc).__name__}); the server log has details."
-            await send_json(send, 500, error_body(message, "internal_error", None, 500))
+            body = error_body(message, "internal_error", None, 500, scope["path"])
+            await send_json(send, 500, body)
 
     def _is_upload(self, scope: Scope) -> bool:
         ctype = (_header(scope, b"content-type") or b"").lower()
@@ -264,20 +145,17 @@ class EdgeMiddleware:
                 self.max_upload_bytes + UPLOAD_FRAMING_BYTES
             )
         except ValueError:
-            await send_json(
-                send,
-                400,
-                error_body(
-                    "The Content-Length header is not a number.", "invalid_request_error", None, 400
-                ),
-            )
+            message = "The Content-Length header is not a number."
+            body = error_body(message, "invalid_request_error", None, 400, scope["path"])
+            await send_json(send, 400, body)
             return
         if too_big:
             message = (
                 f"The upload is larger than the server's limit of {self.max_upload_bytes} bytes "
                 "(`sllm start --max-upload-bytes`)."
             )
-            await send_json(send, 413, error_body(message, "request_too_large", "file", 413))
+            body = error_body(message, "request_too_large", "file", 413, scope["path"])
+            await send_json(send, 413, body)
             return
         await self._guarded(scope, receive, send)
 
@@ -296,9 +174,9 @@ class EdgeMiddleware:
             else "You didn't provide an API key. Send `Authorization: Bearer <key>` (the OpenAI "
             "SDK's `api_key`; `SLLM_API_KEY` for the sllm CLI)."
         )
-        body = error_body(message, "invalid_request_error", None, 401)
-        body["error"]["code"] = "invalid_api_key"  # OpenAI's code for both cases
-        return body
+        # OpenAI's code for both cases, on every path (see `sllm.api.errors.error_code`)
+        path = scope["path"]
+        return error_body(message, "invalid_request_error", None, 401, path, "invalid_api_key")
 
     async def _read_body(
         self, scope: Scope, receive: Receive

@@ -1,6 +1,26 @@
 """The one place where service errors and request-parsing errors become HTTP responses.
 
-Bodies follow OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+Bodies follow OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. What `code`
+holds depends on the surface the request came in on (`error_code` decides it, nowhere else):
+
+- `/v1/...` (the seed's surface), the console, `/metrics`, instances: the HTTP status number, as
+  the seed always answered. The one exception is the API-key check's `invalid_api_key`, which the
+  edge answers on every path alike (it runs before any route).
+- `/openai/v1/...`: OpenAI's string code (the openai SDK's `exc.code`), or null where OpenAI
+  sends none:
+
+  | status | code                                                                              |
+  |--------|-----------------------------------------------------------------------------------|
+  | 400    | from a request that fails the wire models: `unknown_parameter`,                   |
+  |        | `missing_required_parameter`, `invalid_type` or `invalid_value`; otherwise null   |
+  | 401    | `invalid_api_key`                                                                 |
+  | 404    | `fine_tune_not_found` (`/fine_tuning/...`), `file_not_found` (`/files/...`),      |
+  |        | `model_not_found` (`/models/...`, `/chat/completions`, `/completions`); else null  |
+  | 409    | `conflict` (e.g. pausing a cancelled job, deleting a file a job uses)             |
+  | 413    | `file_too_large` (`/files` uploads), else `request_too_large`                     |
+  | 429    | `rate_limit_exceeded`                                                             |
+  | 503    | `server_overloaded`                                                               |
+  | 500    | null (OpenAI's `server_error` type says it all)                                   |
 """
 
 from __future__ import annotations
@@ -76,8 +96,67 @@ async def send_json(send, status: int, body: dict, headers: dict[str, str] | Non
     await send({"type": "http.response.body", "body": payload})
 
 
-def error_body(message: str, type_: str, param: str | None, code: int) -> dict:
+OPENAI_PREFIX = "/openai/"
+EVERY_SURFACE_CODES = frozenset({"invalid_api_key"})  # strings the seed's surface answers too
+_OPENAI_BY_STATUS: dict[int, str] = {
+    401: "invalid_api_key",
+    409: "conflict",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    503: "server_overloaded",
+}
+_NOT_FOUND_BY_PATH = (  # first match wins: `/openai/v1/<resource>...`
+    ("/openai/v1/fine_tuning/", "fine_tune_not_found"),
+    ("/openai/v1/files", "file_not_found"),
+    ("/openai/v1/models", "model_not_found"),
+    ("/openai/v1/chat/completions", "model_not_found"),
+    ("/openai/v1/completions", "model_not_found"),
+)
+_VALIDATION_CODES = {
+    "extra_forbidden": "unknown_parameter",
+    "missing": "missing_required_parameter",
+}
+
+
+def error_code(status: int, path: str | None, hint: str | None = None) -> int | str | None:
+    """The `code` of an error body (see the table in the module docstring). `path` is the
+    request's path (None where there is none, e.g. an instance's own 401); `hint` a more
+    specific OpenAI code the caller knows (a validation error's kind)."""
+    if hint in EVERY_SURFACE_CODES:
+        return hint
+    if path is None or not path.startswith(OPENAI_PREFIX):
+        return status
+    if hint is not None:
+        return hint
+    if status == 404:
+        return next((code for prefix, code in _NOT_FOUND_BY_PATH if path.startswith(prefix)), None)
+    if status == 413 and path.startswith("/openai/v1/files"):
+        return "file_too_large"
+    return _OPENAI_BY_STATUS.get(status)
+
+
+def error_body(
+    message: str,
+    type_: str,
+    param: str | None,
+    status: int,
+    path: str | None = None,
+    hint: str | None = None,
+) -> dict:
+    """The one builder of error bodies; `code` comes from `error_code(status, path, hint)`."""
+    code = error_code(status, path, hint)
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _validation_hint(exc: RequestValidationError) -> str | None:
+    """OpenAI's code for the first problem pydantic found (None for malformed JSON)."""
+    err = exc.errors()[0] if exc.errors() else {}
+    kind = str(err.get("type", ""))
+    if kind == "json_invalid":
+        return None
+    if kind in _VALIDATION_CODES:
+        return _VALIDATION_CODES[kind]
+    return "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -95,34 +174,38 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SllmError)
-    async def _sllm_error(_: Request, exc: SllmError) -> JSONResponse:
+    async def _sllm_error(request: Request, exc: SllmError) -> JSONResponse:
         headers = {}
         if isinstance(exc, OverloadedError):
             headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
         return JSONResponse(
-            error_body(exc.message, exc.error_type, exc.param, exc.status_code),
+            error_body(exc.message, exc.error_type, exc.param, exc.status_code, request.url.path),
             status_code=exc.status_code,
             headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param, 400), 400)
+        body = error_body(
+            message, "invalid_request_error", param, 400, request.url.path, _validation_hint(exc)
+        )
+        return JSONResponse(body, 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(
-            error_body(str(exc.detail), type_, None, exc.status_code),
+            error_body(str(exc.detail), type_, None, exc.status_code, request.url.path),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
+        message = f"Internal server error: {type(exc).__name__}"
         return JSONResponse(
-            error_body(f"Internal server error: {type(exc).__name__}", "internal_error", None, 500),
+            error_body(message, "internal_error", None, 500, request.url.path),
             status_code=500,
         )

@@ -8,6 +8,7 @@ import sys
 from sllm.cli import delete as delete_cmd
 from sllm.cli import deploy as deploy_cmd
 from sllm.cli import jobs as jobs_cmd
+from sllm.cli import models as models_cmd
 from sllm.cli import start as start_cmd
 from sllm.cli import status as status_cmd
 from sllm.cli.client import use_help_formatter
@@ -18,6 +19,7 @@ COMMANDS = {
     "delete": delete_cmd,
     "status": status_cmd,
     "jobs": jobs_cmd,
+    "models": models_cmd,
 }
 
 

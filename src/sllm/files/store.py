@@ -29,6 +29,7 @@ from sllm.config import DEFAULT_MAX_UPLOAD_BYTES
 from sllm.errors import ConflictError, InvalidRequestError, NotFoundError, TooLargeError
 from sllm.finetune.datascan import RowError, row_format
 from sllm.paths import files_dir
+from sllm.strictjson import BadJSON, parse_json
 
 PURPOSES = ("fine-tune",)
 CONTENT = "content"
@@ -84,8 +85,6 @@ def check_purpose(purpose: str | None) -> str:
 def check_jsonl(path: Path, filename: str) -> tuple[str, int]:
     """Every line of a fine-tune file is a JSON object in one known row format (blank lines are
     skipped); returns (format, rows). A bad line is a 400 naming its number, never its text."""
-    from sllm.api.edge import BadJSON, parse_json  # the edge's strict JSON, rows as bodies
-
     kind: str | None = None
     rows = 0
     with open(path, "rb") as fh:

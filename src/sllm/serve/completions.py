@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sllm.api.errors import error_body
 from sllm.serve.client import GenerationStream
 from sllm.serve.deployments import DeploymentService
 from sllm.serve.errors import InstanceError
@@ -61,8 +62,7 @@ def _sse(obj: Any) -> str:
 
 
 def _error_event(message: str) -> str:
-    body = {"error": {"message": message, "type": "instance_error", "param": None, "code": 500}}
-    return f"data: {json.dumps(body)}\n\n"
+    return f"data: {json.dumps(error_body(message, 'instance_error', None, 500))}\n\n"
 
 
 class CompletionService:
