@@ -32,10 +32,8 @@ def fine_tuned(server) -> tuple[str, Path]:
     )
     assert up.status_code == 200, up.text
     method = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}
-    r = server.client.post(
-        JOBS,
-        json={"model": "tiny/llama", "training_file": up.json()["id"], "suffix": "cli", "method": method},
-    )
+    body = {"model": "tiny/llama", "training_file": up.json()["id"], "suffix": "cli"}
+    r = server.client.post(JOBS, json={**body, "method": method})
     assert r.status_code == 200, r.text
     job = server.wait_status(r.json()["id"], {"completed", "failed"})
     assert job["status"]["status"] == "completed", job
