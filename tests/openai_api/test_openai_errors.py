@@ -8,6 +8,10 @@ import pytest
 from sllm.openai.names import fine_tuned_model_name, parse_fine_tuned_model
 from tests.openai_api.conftest import text_rows, upload
 
+WRONG_KEY = {"Authorization": "Bearer sk-not-the-servers-key"}
+NO_JOB = "job-0123456789abcdef"
+CHAT = {"model": "no/such", "messages": [{"role": "user", "content": "hi"}]}
+
 JOBS = "/openai/v1/fine_tuning/jobs"
 
 
@@ -84,6 +88,9 @@ def test_resume_or_pause_in_the_wrong_state_is_409(api_server, file_id):
     for verb in ("pause", "resume"):
         r = api_server.client.post(f"{JOBS}/{job_id}/{verb}")
         assert r.status_code == 409 and "cancelled" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "conflict"
+        seed = api_server.client.post(f"/v1/fine_tuning/jobs/{job_id}/{verb}")
+        assert seed.status_code == 409 and seed.json()["error"]["code"] == 409
     r = api_server.client.get(f"{JOBS}/{job_id}/events?after=nonsense")
     assert r.status_code == 400 and r.json()["error"]["param"] == "after"
     r = api_server.client.get(f"{JOBS}/{job_id}/checkpoints?after=ftckpt-other-3")
@@ -179,3 +186,71 @@ def test_serving_routes_answer_under_openai_too(api_server):
         )
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         assert api_server.client.get(f"{prefix}/models").json()["object"] == "list"
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+# (method, path under the prefix, request kwargs, status, the code under /openai/v1)
+BOTH_SURFACES = [
+    ("GET", "/fine_tuning/jobs", {"headers": WRONG_KEY}, 401, "invalid_api_key"),
+    ("GET", f"/fine_tuning/jobs/{NO_JOB}", {}, 404, "fine_tune_not_found"),
+    ("POST", f"/fine_tuning/jobs/{NO_JOB}/cancel", {}, 404, "fine_tune_not_found"),
+    ("GET", "/files/file-0123456789abcdef", {}, 404, "file_not_found"),
+    ("DELETE", "/files/file-0123456789abcdef", {}, 404, "file_not_found"),
+    ("GET", "/files/file-0123456789abcdef/content", {}, 404, "file_not_found"),
+    ("POST", "/chat/completions", {"json": CHAT}, 404, "model_not_found"),
+    ("POST", "/completions", {"json": {"model": "no/such", "prompt": "hi"}}, 404,
+     "model_not_found"),
+    ("GET", "/models/no/such", {}, 404, "model_not_found"),
+    ("DELETE", "/models/ft:tiny/llama:x:job-0123456789abcdef", {}, 404, "model_not_found"),
+    ("POST", "/chat/completions", {"json": {**CHAT, "temperature": "hot"}}, 400, "invalid_type"),
+    ("POST", "/chat/completions", {"json": {"model": "no/such"}}, 400,
+     "missing_required_parameter"),
+    ("POST", "/chat/completions", {"json": {**CHAT, "n": -1}}, 400, "invalid_value"),
+    ("POST", "/chat/completions", {"content": b'{"model": NaN}'}, 400, None),  # the edge's parse
+    ("POST", "/chat/completions", {"json": {**CHAT, "pad": "x" * (1 << 20)}}, 413,
+     "request_too_large"),
+    ("POST", "/files", {"files": {"file": ("big.jsonl", b"x" * 70_000)},
+                        "data": {"purpose": "fine-tune"}}, 413, "file_too_large"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs", "status", "code"), BOTH_SURFACES)
+def test_openai_surface_answers_string_codes_and_v1_numbers(
+    api_server, method, path, kwargs, status, code
+):
+    err = error_of(api_server.client.request(method, f"/openai/v1{path}", **kwargs), status)
+    assert err["code"] == code, err
+    seed = error_of(api_server.client.request(method, f"/v1{path}", **kwargs), status)
+    # /v1 keeps the seed's numbers; the key check's `invalid_api_key` was always a string
+    assert seed["code"] == ("invalid_api_key" if status == 401 else status), seed
+    assert seed["type"] == err["type"] and seed["message"] == err["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"unknown": 1}, "unknown_parameter"),
+        ({"seed": "42"}, "invalid_type"),
+        ({"seed": -1}, "invalid_value"),
+        ({"training_file": "file-0123456789abcdef"}, None),  # the service's 400: no code
+        ({"method": {"type": "dpo", "dpo": {}}}, None),
+    ],
+)
+def test_create_400_codes(api_server, file_id, body, code):
+    r = api_server.client.post(JOBS, json={"model": "tiny/llama", "training_file": file_id, **body})
+    err = error_of(r, 400)
+    assert err["type"] == "invalid_request_error" and err["code"] == code, err
+    missing = error_of(api_server.client.post(JOBS, json={"training_file": file_id}), 400)
+    assert missing["code"] == "missing_required_parameter" and missing["param"] == "model"
+
+
+def test_unknown_route_under_openai_is_a_404_with_a_string_or_null_code(api_server):
+    err = error_of(api_server.client.get("/openai/v1/no-such-thing"), 404)
+    assert err["code"] is None
+    assert error_of(api_server.client.get("/v1/no-such-thing"), 404)["code"] == 404
