@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import AuthenticationError, BadRequestError, ConflictError, NotFoundError, OpenAI
 
 from sllm.openai.names import parse_fine_tuned_model
 from tests.openai_api.conftest import KEY, text_rows
@@ -105,8 +105,12 @@ def test_create_poll_events_checkpoints(client, api_server, training_file):
     assert models[done.fine_tuned_model].parent == "tiny/llama"
     deleted = client.models.delete(done.fine_tuned_model)
     assert deleted.deleted and deleted.id == done.fine_tuned_model
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NotFoundError) as gone:
         client.chat.completions.create(model=done.fine_tuned_model, messages=ask, max_tokens=4)
+    assert gone.value.code == "model_not_found"
+    with pytest.raises(NotFoundError) as again:
+        client.models.delete(done.fine_tuned_model)
+    assert again.value.code == "model_not_found"
     assert not adapter.exists()
 
 
@@ -136,10 +140,42 @@ def test_cancel_pause_resume(client, api_server, training_file):
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     assert client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model is None
+    with pytest.raises(ConflictError) as clash:
+        client.fine_tuning.jobs.pause(job.id)
+    assert clash.value.code == "conflict" and clash.value.status_code == 409
 
 
 def test_models_route_is_mirrored(client):
     assert client.models.list().object == "list"
+
+
+def test_sdk_exceptions_carry_openai_codes(client, api_server, training_file):
+    """What code written for OpenAI checks (`exc.code`) means the same here."""
+    with pytest.raises(NotFoundError) as job:
+        client.fine_tuning.jobs.retrieve("job-0123456789abcdef")
+    assert job.value.code == "fine_tune_not_found" and job.value.type == "not_found_error"
+    with pytest.raises(NotFoundError) as file:
+        client.files.retrieve("file-0123456789abcdef")
+    assert file.value.code == "file_not_found"
+    ask = [{"role": "user", "content": "hi"}]
+    with pytest.raises(NotFoundError) as model:
+        client.chat.completions.create(model="no/such-model", messages=ask)
+    assert model.value.code == "model_not_found" and model.value.param == "model"
+    with pytest.raises(BadRequestError) as bad:
+        client.fine_tuning.jobs.create(model="tiny/llama", training_file=training_file, seed=-1)
+    assert bad.value.code == "invalid_value" and bad.value.param == "seed"
+    with pytest.raises(BadRequestError) as unknown:
+        client.fine_tuning.jobs.create(
+            model="tiny/llama", training_file=training_file, extra_body={"colour": "red"}
+        )
+    assert unknown.value.code == "unknown_parameter" and unknown.value.param == "colour"
+    with pytest.raises(BadRequestError) as service:
+        client.fine_tuning.jobs.create(model="tiny/llama", training_file="file-0123456789abcdef")
+    assert service.value.code is None and service.value.param == "training_file"
+    wrong = OpenAI(base_url=f"{api_server.url}/openai/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(AuthenticationError) as key:
+        wrong.models.list()
+    assert key.value.code == "invalid_api_key" and key.value.status_code == 401
 
 
 def _wait_step(server, job_id: str, at_least: int, timeout: float = 120) -> int:
