@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 LONG = {"num_train_epochs": 10000}
 CHAT = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 JOB = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
+JOB_PATH = "/v1/fine_tuning/jobs"
 
 
 def scrape(srv) -> dict[tuple[str, frozenset], float]:
@@ -246,3 +247,34 @@ def test_sllm_jobs_commands(srv, tmp_path, monkeypatch, capsys):
     config.write_text(json.dumps({"model": "no/such-model"}))
     rc, _, err = sllm("submit", str(config))
     assert rc == 1 and "error (400)" in err and "not in the store" in err
+
+
+def test_trained_tokens_never_drop_while_a_real_job_pauses_and_resumes(srv):
+    """A resumed job's progress restarts (empty, then from its checkpoint's count): the counter
+    must not follow it down, and must count each token once, as its steps are not re-trained
+    (a pause checkpoints at a step boundary)."""
+    c = srv.client
+    wait_cpus_free(srv)
+    name = "sllm_fine_tuning_trained_tokens_total"
+    seen = [value(scrape(srv), name)]
+    job_id = submit(
+        srv, output_dir="a/paused", training_config={"max_steps": 30, "logging_steps": 1}
+    )
+    deadline = time.monotonic() + 120
+    while (c.get(f"{JOB_PATH}/{job_id}").json()["status"].get("progress") or {}).get("step", 0) < 3:
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.2)
+    assert c.post(f"{JOB_PATH}/{job_id}/pause").status_code == 200
+    srv.wait_status(job_id, {"paused"})
+    seen.append(value(scrape(srv), name))
+    assert c.post(f"{JOB_PATH}/{job_id}/resume").status_code == 200
+    seen.append(value(scrape(srv), name))  # the row's progress is empty now
+    while (st := c.get(f"{JOB_PATH}/{job_id}").json()["status"])["status"] != "completed":
+        assert st["status"] in ("pending", "running"), st
+        seen.append(value(scrape(srv), name))
+        time.sleep(0.3)
+    seen.append(value(scrape(srv), name))
+    assert seen == sorted(seen), seen
+    events = c.get(f"{JOB_PATH}/{job_id}/events?limit=1000").json()["data"]
+    assert any("Resuming from" in e["message"] for e in events), "it resumed from a checkpoint"
+    assert seen[-1] - seen[0] == st["progress"]["trained_tokens"] > 0
