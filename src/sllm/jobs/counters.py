@@ -130,10 +130,20 @@ def initialise(conn: sqlite3.Connection) -> None:
 
 
 def _seed_waits(conn: sqlite3.Connection) -> None:
-    """Each started job's wait from submission to its latest start (what the rows still tell)."""
+    """Each started job's wait from submission to its latest start (what the rows still tell),
+    bucketed in one grouped pass (each wait computed once: MATERIALIZED), a write per bucket."""
     wait = "(julianday(started_time) - julianday(created_time)) * 86400.0"
-    for (seconds,) in conn.execute(f"SELECT {wait} FROM jobs WHERE started_time IS NOT NULL"):
-        observe_wait(conn, seconds or 0.0)
+    cases = " ".join(f"WHEN w <= ? THEN {i}" for i in range(len(QUEUE_WAIT_BOUNDS)))
+    rows = conn.execute(
+        f"WITH t AS MATERIALIZED (SELECT MAX({wait}, 0) AS w FROM jobs WHERE started_time IS "
+        f"NOT NULL) SELECT CASE {cases} ELSE {len(QUEUE_WAIT_BOUNDS)} END AS b, COUNT(*), "
+        "SUM(w) FROM t GROUP BY b",
+        QUEUE_WAIT_BOUNDS,
+    ).fetchall()
+    for bucket, count, total in rows:
+        add(conn, WAIT_COUNT, count)
+        add(conn, WAIT_SUM, total or 0.0)
+        add(conn, _bucket_name(bucket), count)
 
 
 def read(conn: sqlite3.Connection) -> Totals:
