@@ -11,13 +11,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sllm.cli.main import main as sllm_main
-from tests.conftest import TINY, job_config, stored_server
+from tests.conftest import TINY, job_config, stored_server, wait_for
 
 pytestmark = pytest.mark.slow
 
 LONG = {"num_train_epochs": 10000}
 CHAT = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 JOB = "/v1/fine_tuning/jobs/{fine_tuning_job_id}"
+JOB_PATH = "/v1/fine_tuning/jobs"
 
 
 def scrape(srv) -> dict[tuple[str, frozenset], float]:
@@ -246,3 +247,34 @@ def test_sllm_jobs_commands(srv, tmp_path, monkeypatch, capsys):
     config.write_text(json.dumps({"model": "no/such-model"}))
     rc, _, err = sllm("submit", str(config))
     assert rc == 1 and "error (400)" in err and "not in the store" in err
+
+
+def test_trained_tokens_never_drop_while_a_real_job_pauses_and_resumes(srv):
+    """A resumed job's progress restarts (empty, then from its checkpoint's count): the counter
+    must not follow it down, and must count each token once, as its steps are not re-trained
+    (a pause checkpoints at a step boundary)."""
+    c = srv.client
+    wait_cpus_free(srv)
+    name = "sllm_fine_tuning_trained_tokens_total"
+    seen = [value(scrape(srv), name)]
+    job_id = submit(srv, output_dir="a/paused", training_config={"max_steps": 100000})
+
+    def step() -> int:
+        status = c.get(f"{JOB_PATH}/{job_id}").json()["status"]
+        seen.append(value(scrape(srv), name))
+        return (status.get("progress") or {}).get("step", 0)
+
+    wait_for(lambda: step() >= 3, 120, "the job's first steps")
+    assert c.post(f"{JOB_PATH}/{job_id}/pause").status_code == 200
+    paused_at = srv.wait_status(job_id, {"paused"})["status"]["progress"]["step"]
+    seen.append(value(scrape(srv), name))
+    assert c.post(f"{JOB_PATH}/{job_id}/resume").status_code == 200
+    seen.append(value(scrape(srv), name))  # the row's progress is empty now
+    wait_for(lambda: step() >= paused_at + 3, 120, "steps after the resume")
+    assert c.post(f"{JOB_PATH}/{job_id}/cancel").status_code == 200
+    final = srv.wait_status(job_id, {"cancelled"})["status"]["progress"]
+    seen.append(value(scrape(srv), name))
+    assert seen == sorted(seen), seen
+    events = c.get(f"{JOB_PATH}/{job_id}/events?limit=1000").json()["data"]
+    assert any("Resuming from" in e["message"] for e in events), "it resumed from a checkpoint"
+    assert seen[-1] - seen[0] == final["trained_tokens"] > 0

@@ -257,6 +257,102 @@ def test_completed_job_files_deploy_and_models_page(srv, browser, jobs):
     )
 
 
+def _with_key(driver, srv, fragment: str) -> None:
+    """Open `fragment` with the key already in the session (so the test also runs alone)."""
+    go(driver, srv, "")
+    driver.execute_script("sessionStorage.setItem('sllm.apiKey', arguments[0])", KEY)
+    go(driver, srv, fragment)
+    driver.refresh()  # a new fragment alone does not start the app again
+    wait(driver, lambda d: not d.find_element(By.ID, "keygate").is_displayed(), what="no prompt")
+
+
+def _deployed_adapter(srv, jobs) -> str:
+    """The short job's adapter deployed beside the tiny model (as the deploy test leaves it)."""
+    srv.wait_status(jobs["short"], {"completed"})
+    dep = srv.client.get("/v1/deployments/tiny/llama")
+    if dep.status_code != 200 or "short-ft" not in {a["name"] for a in dep.json()["adapters"]}:
+        body = {"model": "tiny/llama", "enable_lora": True}
+        body["lora_adapters"] = {"short-ft": "tiny/adapters/short"}
+        r = srv.client.post("/v1/deployments", json=body)
+        assert r.status_code == 200, r.text
+    return "short-ft"
+
+
+def _pane(driver, which: str) -> tuple[str, str]:
+    """(data-state, what the pane shows: the answer's exact text, or the error's)."""
+    out = driver.find_element(By.ID, f"answer-{which}")
+    state = out.get_attribute("data-state")
+    shown = out.find_elements(By.CSS_SELECTOR, ".answer-text, .answer-error")
+    return state, shown[0].get_attribute("textContent") if shown else ""
+
+
+def _send(driver, prompt: str, max_tokens: str) -> None:
+    box = driver.find_element(By.ID, "play-prompt")
+    box.clear()
+    box.send_keys(prompt)
+    for field, value in (("play-max-tokens", max_tokens), ("play-temperature", "0")):
+        _fill_id(driver, field, value)
+    driver.find_element(By.ID, "play-send").click()
+
+
+def _fill_id(driver, element_id: str, value: str) -> None:
+    box = driver.find_element(By.ID, element_id)
+    box.clear()
+    box.send_keys(value)
+
+
+def _settled(driver) -> bool:
+    return all(_pane(driver, w)[0] in ("done", "error") for w in ("base", "adapter"))
+
+
+def test_playground_shows_what_the_api_answers_side_by_side(srv, browser, jobs):
+    adapter = _deployed_adapter(srv, jobs)
+    _with_key(browser, srv, "#/models")
+    select = lambda d: Select(d.find_element(By.ID, "play-adapter"))  # noqa: E731
+    wait(browser, lambda d: select(d).first_selected_option.text == adapter, what="the adapter")
+    Select(browser.find_element(By.ID, "play-model")).select_by_value("tiny/llama")
+    prompt = "Tell me about the sea, matey."
+    _send(browser, prompt, "8")
+    wait(browser, _settled, what="both answers")
+    chat = {
+        "model": "tiny/llama",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    expected = {}
+    for which, body in (("base", chat), ("adapter", {**chat, "lora_adapter_name": adapter})):
+        r = srv.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        expected[which] = r.json()["choices"][0]["message"]["content"]
+        assert _pane(browser, which) == ("done", expected[which])  # greedy: the same tokens
+    assert expected["base"] and expected["base"] != expected["adapter"], expected  # 2 models
+
+    # a 4xx from the server is shown in both panes, with its status and message
+    _send(browser, prompt, "0")
+    wait(browser, _settled, what="the refusals")
+    r = srv.client.post("/v1/chat/completions", json={**chat, "max_tokens": 0})
+    assert 400 <= r.status_code < 500
+    message = r.json()["error"]["message"]
+    for which in ("base", "adapter"):
+        assert _pane(browser, which) == ("error", f"{r.status_code}: {message}")
+
+    # an adapter gone since the list was drawn (the list refreshes every 3 s): the base pane
+    # answers, the adapter pane shows the server's 404/400 naming the adapter
+    browser.execute_script(
+        "const s = document.getElementById('play-adapter');"
+        "s.append(new Option('gone-ft', 'gone-ft', true, true));"
+        "document.getElementById('play-max-tokens').value = '8';"
+        "document.getElementById('play-send').click();"
+    )
+    wait(browser, _settled, what="the answer and the refusal")
+    assert _pane(browser, "base") == ("done", expected["base"])
+    r = srv.client.post("/v1/chat/completions", json={**chat, "lora_adapter_name": "gone-ft"})
+    assert 400 <= r.status_code < 500 and "gone-ft" in r.json()["error"]["message"]
+    state, shown = _pane(browser, "adapter")
+    assert (state, shown) == ("error", f"{r.status_code}: {r.json()['error']['message']}")
+
+
 def _field_error(driver, param: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, f'.field-error[data-error-for="{param}"]').text
 

@@ -85,12 +85,14 @@ def check_progress(reporter: RecordingReporter, steps: int) -> None:
         "loss",
         "learning_rate",
         "trained_tokens",
+        "start_trained_tokens",  # what the attempt started from (for the /metrics counter)
         "processed_tokens",
         "tokens_per_second",
         "eta_seconds",
         "train_mean_token_accuracy",  # no validation data: no valid_* fields
     }
     assert 0 <= last["train_mean_token_accuracy"] <= 1
+    assert {p["start_trained_tokens"] for p in progress} == {0}  # a fresh start
     assert last["total_steps"] == steps and last["epoch"] == pytest.approx(1.0)
     assert isinstance(last["loss"], float) and last["learning_rate"] > 0
     assert last["eta_seconds"] == 0

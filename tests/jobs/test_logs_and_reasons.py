@@ -54,26 +54,6 @@ def test_wait_reason_names_what_is_missing(args, expected):
     assert wait_reason(*args) == expected
 
 
-def test_queue_waits_are_a_cumulative_histogram_of_started_jobs(tmp_path):
-    from sllm.jobs.db import JobStore
-
-    store = JobStore(tmp_path / "sllm.db")
-    sql = (
-        "INSERT INTO jobs (id, status, priority, model, ft_backend, num_cpus, num_gpus, timeout, "
-        "config_json, backend_config_json, created_time, updated_time, started_time) "
-        "VALUES (?, 'completed', 0, 'm', 'peft_lora', 1, 0, 60, '{}', '{}', ?, ?, ?)"
-    )
-    t0 = "2025-01-01T00:00:00"
-    for job_id, started in [("a", "00:00:03"), ("b", "00:00:00.500"), ("c", "00:01:00")]:
-        store._conn.execute(sql, (job_id, t0, t0, f"2025-01-01T{started}"))
-    store._conn.execute(sql, ("never", t0, t0, None))  # still pending: no wait yet
-    try:
-        cumulative, count, total = store.queue_waits([1.0, 5.0])
-        assert cumulative == [1, 2] and count == 3 and total == pytest.approx(63.5, abs=0.01)
-    finally:
-        store.close()
-
-
 def test_pending_reason_counts_the_queue_ahead_and_names_a_starving_job(tmp_path):
     from sllm.jobs.db import JobStore
     from sllm.jobs.resources import ResourcePool

@@ -552,11 +552,13 @@ class TrainingTracker:
         self._t0: float | None = None
         self._first_step = 0
         self._first_tokens = 0
+        self._first_trained = 0
 
     def train_begin(self, state) -> None:
         self._t0 = time.monotonic()
         self._first_step = int(state.global_step or 0)  # > 0 when resuming from a checkpoint
         self._first_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self._first_trained = loss_tokens_seen(state)  # what a resumed checkpoint already counted
 
     def report(self, state) -> None:
         step = int(state.global_step or 0)
@@ -577,6 +579,7 @@ class TrainingTracker:
             loss=self.last_loss,
             learning_rate=self.last_lr,
             trained_tokens=trained,
+            start_trained_tokens=self._first_trained,  # for the monotonic total, not shown
             processed_tokens=tokens,
             tokens_per_second=_round(tps, 2),
             eta_seconds=_round(eta, 2),

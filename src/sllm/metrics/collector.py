@@ -1,7 +1,8 @@
 """Gauges and totals read from the services' own state at scrape time.
 
-Jobs by status, queue waits, trained tokens and tokens/s come from the job store (so they survive
-a restart and are never counted twice); CPUs/GPUs from the resource pool; instances and cold
+Jobs by status and tokens/s come from the job store's rows; queue waits and trained tokens from
+its durable counters (`sllm.jobs.counters`: they survive a restart and never decrease, though
+jobs restart and their progress with them); CPUs/GPUs from the resource pool; instances and cold
 starts from the deployment service.
 """
 
@@ -19,10 +20,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from sllm.jobs.counters import QUEUE_WAIT_BOUNDS
 from sllm.jobs.states import JobStatus
 from sllm.metrics.requests import RequestMetrics
 
-QUEUE_WAIT_BUCKETS = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0]
 INSTANCE_STATES = ("starting", "ready", "stopping")
 
 
@@ -53,18 +54,19 @@ def _job_metrics(store) -> Iterator[Metric]:
     for status in JobStatus:
         jobs.add_metric([status.value], counts.get(status.value, 0))
     yield jobs
-    cumulative, count, total = store.queue_waits(QUEUE_WAIT_BUCKETS)
-    buckets = [(repr(b), c) for b, c in zip(QUEUE_WAIT_BUCKETS, cumulative, strict=True)]
+    totals = store.metric_totals()  # monotonic, counted as the work happened
+    waits = totals.queue_waits
+    buckets = [(repr(b), c) for b, c in zip(QUEUE_WAIT_BOUNDS, waits.cumulative, strict=True)]
     yield HistogramMetricFamily(
         "sllm_fine_tuning_queue_wait_seconds",
-        "Seconds from a job's submission to its (latest) start.",
-        buckets=[*buckets, ("+Inf", count)],
-        sum_value=total,
+        "Seconds each start of a job waited in the queue (since submission, re-queue or resume).",
+        buckets=[*buckets, ("+Inf", waits.count)],
+        sum_value=waits.total,
     )
     yield CounterMetricFamily(
         "sllm_fine_tuning_trained_tokens",
-        "Tokens trained on, summed over every job's progress.",
-        value=store.trained_tokens_total(),
+        "Loss tokens trained, re-trained tokens after a resume included; never decreases.",
+        value=totals.trained_tokens,
     )
     speed = GaugeMetricFamily(
         "sllm_fine_tuning_tokens_per_second",

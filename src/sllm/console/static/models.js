@@ -1,6 +1,6 @@
 // Stored models, deployments (adapters, instances) and a playground that sends one prompt to the
 // base model and to one of its adapters side by side.
-import { api, badge, bytes, duration, h, poll } from "./api.js";
+import { ApiError, api, badge, bytes, duration, h, poll } from "./api.js";
 
 export function modelsView(root) {
   const stored = h("tbody", { id: "stored-models" });
@@ -79,28 +79,47 @@ export function modelsView(root) {
     fillAdapters();
   }
 
+  // Each pane shows its own request's answer or its error (never swallowed); a pane's state is in
+  // data-state (pending, done, error) and the answer alone in its .answer-text. A click that
+  // supersedes a slower earlier one wins: the earlier reply is dropped, not drawn over the newer.
+  const latest = new Map();
   async function ask(out, body) {
-    out.textContent = "...";
+    const seq = (latest.get(out) || 0) + 1;
+    latest.set(out, seq);
+    out.dataset.state = "pending";
+    out.replaceChildren(h("span", { class: "muted" }, "..."));
     const t0 = performance.now();
+    let shown;
     try {
       const r = await api("/v1/chat/completions", { method: "POST", json: body });
       const secs = ((performance.now() - t0) / 1000).toFixed(2);
-      out.replaceChildren(r.choices[0].message.content || "(empty)", h("div", { class: "small muted" }, `${secs}s, ${r.usage ? r.usage.completion_tokens : "?"} tokens`));
+      const content = r.choices[0].message.content;
+      shown = ["done", h("div", { class: "answer-text" }, content),
+        content ? null : h("span", { class: "muted" }, "(empty)"),
+        h("div", { class: "small muted" }, `${secs}s, ${r.usage ? r.usage.completion_tokens : "?"} tokens`)];
     } catch (e) {
-      out.replaceChildren(h("span", { class: "error" }, e.message));
+      const code = e instanceof ApiError ? `${e.status}: ` : "";
+      shown = ["error", h("div", { class: "error answer-error" }, `${code}${e.message}`)];
     }
+    if (latest.get(out) !== seq) return;
+    out.dataset.state = shown[0];
+    out.replaceChildren(...shown.slice(1));
   }
 
   function send() {
     const body = {
       model: baseSel.value,
       messages: [{ role: "user", content: prompt.value }],
-      max_tokens: Number(maxTokens.value) || 48,
-      temperature: Number(temp.value) || 0,
+      max_tokens: maxTokens.value === "" ? 48 : Number(maxTokens.value),
+      temperature: temp.value === "" ? 0 : Number(temp.value),
     };
     ask(outBase, body);
     if (adapterSel.value) ask(outAdapter, { ...body, lora_adapter_name: adapterSel.value });
-    else outAdapter.textContent = "Choose an adapter.";
+    else {
+      latest.set(outAdapter, (latest.get(outAdapter) || 0) + 1);
+      outAdapter.dataset.state = "error";
+      outAdapter.replaceChildren(h("div", { class: "error answer-error" }, "Choose an adapter."));
+    }
   }
 
   loadStored().catch(() => {});
