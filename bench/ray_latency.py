@@ -18,6 +18,10 @@ the machine slows all alike), and times, from just before the POST:
               when the process is fresh)
   done        the job completed
 
+Then, in turn on each server, cold inference: deploy the tiny llama, one streamed completion
+(to its first token), delete the deployment and wait until the instance is gone, so each
+request finds no instance (on Ray the instance lands on the head node, which has room for it).
+
 The Ray path runs on a real two-node cluster on loopback started by the cluster tests' helpers
 (a head with 1 CPU and `node_b` with 2 CPUs); jobs take 1 CPU. The records are read straight
 from SQLite every 5 ms. Results go to stdout and to bench/results/ray_latency.json.
@@ -94,6 +98,26 @@ def time_one(server: Server, storage: Path, name: str) -> dict[str, float]:
     return marks
 
 
+def cold_completion(server: Server, model: str = "tiny/llama") -> dict[str, float]:
+    """Deploy `model`, time one streamed completion to its first token, then scale to zero."""
+    from tests.conftest import wait_dead
+
+    assert server.client.post("/v1/deployments", json={"model": model}).status_code == 200
+    body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}
+    first = None
+    t0 = time.perf_counter()
+    with server.client.stream("POST", "/v1/completions", json=body, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: ") and '"text"' in line:
+                first = time.perf_counter() - t0
+    (inst,) = server.client.get(f"/v1/deployments/{model}").json()["instances"]
+    assert server.client.delete(f"/v1/deployments/{model}").status_code == 200
+    wait_dead(inst["pid"], timeout=60)
+    phases = inst.get("cold_start_phases") or {}
+    return {"first_token_s": first or 0.0, "process_s": phases.get("process_s", 0.0)}
+
+
 def run_all(servers: dict[str, tuple[Server, Path]], jobs: int) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {label: [] for label in servers}
     for label, (server, storage) in servers.items():
@@ -118,6 +142,7 @@ def summary(runs: list[dict]) -> dict[str, dict[str, float]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=6)
+    parser.add_argument("--chats", type=int, default=3, help="cold completions per path")
     parser.add_argument(
         "--ray-worker-niceness",
         type=int,
@@ -142,6 +167,11 @@ def main() -> int:
                 servers.append(Server(stores[label], *options[label], env=cluster.env).start())
                 paths[label] = (servers[-1], stores[label])
             runs = run_all(paths, args.jobs)
+            chats: dict[str, list[dict]] = {label: [] for label in PATHS}
+            for _ in range(args.chats):
+                for label in PATHS:
+                    chats[label].append(cold_completion(paths[label][0]))
+                    time.sleep(3)  # the pools refill in the background meanwhile
         finally:
             for server in servers:
                 server.stop()
@@ -150,6 +180,14 @@ def main() -> int:
     result["ray_extra_median_s"] = {
         m: round(result["ray"][m]["median_s"] - result["local"][m]["median_s"], 4) for m in MARKS
     }
+    result["cold_completion"] = {
+        label: {
+            key: round(statistics.median(c[key] for c in chats[label]), 4)
+            for key in ("first_token_s", "process_s")
+        }
+        for label in PATHS
+    }
+    result["cold_completions_per_path"] = args.chats
     result["jobs_per_path"] = args.jobs
     result["ray_worker_niceness"] = args.ray_worker_niceness
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
@@ -161,6 +199,8 @@ def main() -> int:
     for m in MARKS:
         cells = "".join(f"{result[label][m]['median_s']:13.3f}" for label in PATHS)
         print(f"{m:12}{cells}{result['ray_extra_median_s'][m]:11.3f}")
+    cells = "".join(f"{result['cold_completion'][label]['first_token_s']:13.3f}" for label in PATHS)
+    print(f"{'cold 1st tok':12}{cells}   (a completion finding no instance)")
     suffix = "" if args.ray_worker_niceness is None else f"_nice{args.ray_worker_niceness}"
     out = HERE / "results" / f"ray_latency{suffix}.json"
     out.parent.mkdir(exist_ok=True)
