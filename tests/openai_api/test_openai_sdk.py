@@ -153,7 +153,7 @@ def test_sdk_exceptions_carry_openai_codes(client, api_server, training_file):
     """What code written for OpenAI checks (`exc.code`) means the same here."""
     with pytest.raises(NotFoundError) as job:
         client.fine_tuning.jobs.retrieve("job-0123456789abcdef")
-    assert job.value.code == "fine_tune_not_found" and job.value.type == "not_found_error"
+    assert job.value.code == "fine_tune_not_found" and job.value.type == "invalid_request_error"
     with pytest.raises(NotFoundError) as file:
         client.files.retrieve("file-0123456789abcdef")
     assert file.value.code == "file_not_found"

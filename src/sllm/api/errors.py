@@ -21,6 +21,9 @@ holds depends on the surface the request came in on (`error_code` decides it, no
   | 429    | `rate_limit_exceeded`                                                             |
   | 503    | `server_overloaded`                                                               |
   | 500    | null (OpenAI's `server_error` type says it all)                                   |
+
+  The `type` of a 404 there is `invalid_request_error`, as OpenAI sends it (`/v1` keeps
+  `not_found_error`).
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ def error_body(
 ) -> dict:
     """The one builder of error bodies; `code` comes from `error_code(status, path, hint)`."""
     code = error_code(status, path, hint)
+    if type_ == "not_found_error" and path is not None and path.startswith(OPENAI_PREFIX):
+        type_ = "invalid_request_error"  # OpenAI's type for a missing job, file or model
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
