@@ -123,7 +123,6 @@ class WarmPool:
         self.failures = 0  # idle children that died before being taken
         self.taken = 0
         self.cold = 0
-        self.last_miss = ""  # why the last launch found no idle process to take
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -208,22 +207,27 @@ class WarmPool:
                 return child.proc
             _discard(child)  # died between the check and the hand-over: try the next one
 
+    def why_not(self, env: dict[str, str]) -> str:
+        """Why a launch wanting `env` finds no idle child to take (read from the pool now)."""
+        with self._lock:
+            idle = [c for c in self._idle if c.proc.poll() is None]
+        if not idle:
+            return "had no idle process"
+        keys = sorted(differing(idle[0].env, env))
+        return f"has no idle process for this environment (differs in {keys})"
+
     def _take(self, env: dict[str, str]) -> _Child | None:
         """The best idle child for `env`: a warm one, else the one warming longest."""
         with self._lock:
             fits = [c for c in self._idle if c.proc.poll() is None and compatible(c.env, env)]
-            if not fits:
-                self.last_miss = "had no idle process"
-                if self._idle:
-                    keys = sorted(differing(self._idle[0].env, env))
-                    self.last_miss = f"has no idle process for this environment (differs in {keys})"
-                log.info("warm pool: %s", self.last_miss)
-                return None
             fits.sort(key=lambda c: (not _check_warm(c), c.started))
-            child = fits[0]
-            self._idle.remove(child)
+            if fits:
+                self._idle.remove(fits[0])
+        if not fits:
+            log.info("warm pool: %s", self.why_not(env))
+            return None
         self._wake.set()  # refill in the background
-        return child
+        return fits[0]
 
     # --- the refill thread -------------------------------------------------------------------
 

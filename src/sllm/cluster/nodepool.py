@@ -16,6 +16,7 @@ through a pidfd; its exit code comes from the pool, which reaps it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -71,7 +72,7 @@ class NodePool:
         }
         proc = self.pool.take(module, args, env=env, log_path=Path(log_path), stdin=stdin)
         if proc is None:
-            return {"pid": None, "why": self.pool.last_miss}
+            return {"pid": None, "why": self.pool.why_not(env)}
         with self._lock:
             self._procs[proc.pid] = proc
         return {"pid": proc.pid}
@@ -91,17 +92,6 @@ class NodePool:
             self._procs.pop(pid, None)
             self._codes.pop(pid, None)
         return rc
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "size": self.pool.size,
-            "idle_pids": self.pool.idle_pids(),
-            "warm": self.pool.warm_count(),
-            "taken": self.pool.taken,
-            "failures": self.pool.failures,
-            "running": sorted(self._procs),
-        }
 
     def _reap(self) -> None:
         """Reap exited children (no zombies) and keep their codes for `wait`."""
@@ -165,6 +155,7 @@ class PooledProcess:
             self._fd = None
 
 
+@functools.cache
 def pidfd_supported() -> bool:
     try:
         os.close(os.pidfd_open(os.getpid()))
@@ -256,14 +247,6 @@ class NodePools:
     def get(self, node_id: str | None) -> Any:
         with self._lock:
             return self._actors.get(node_id) if node_id else None
-
-    def stats(self) -> dict[str, dict[str, Any]]:
-        """Each node's pool as it reports itself (for tests and `bench`)."""
-        import ray
-
-        with self._lock:
-            actors = dict(self._actors)
-        return {node: ray.get(actor.stats.remote(), timeout=30) for node, actor in actors.items()}
 
     def close(self) -> None:
         import ray
