@@ -52,6 +52,22 @@ def pool_children(cluster) -> dict[str, set[int]]:
     return found
 
 
+def placement(srv, job: str) -> dict:
+    """The job's `placement` event (where its worker runs, and whether it came from a pool)."""
+    events = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10000})
+    (placed,) = [e for e in events.json()["data"] if e["type"] == "placement"]
+    return placed
+
+
+def completed_job(srv, storage, output_dir: str) -> str:
+    """A short 2-CPU job (only node_b holds it), run to completion."""
+    cfg = job_config(storage, output_dir=output_dir, num_cpus=2)
+    job = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
+    body = srv.wait_status(job, {"completed", "failed"}, timeout=180)
+    assert body["status"]["status"] == "completed", body["status"].get("error")
+    return job
+
+
 def test_jobs_and_instances_take_their_nodes_warm_processes(cluster, storage, server_factory):
     srv = server_factory(
         storage, "--ray-address", cluster.address, "--warm-pool", "1", env=cluster.env
@@ -66,8 +82,7 @@ def test_jobs_and_instances_take_their_nodes_warm_processes(cluster, storage, se
     cfg = job_config(storage, output_dir="tiny/adapters/pooled", num_cpus=2, training_config=LONG)
     job = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
     wait_progress(srv, job)
-    rec = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10000}).json()
-    (placed,) = [e for e in rec["data"] if e["type"] == "placement"]
+    placed = placement(srv, job)
     assert "a warm process of the node's pool" in placed["message"], placed
     worker = placed["data"]["pid"]
     assert placed["data"]["pooled"] and worker in idle["node_b"]
@@ -75,6 +90,7 @@ def test_jobs_and_instances_take_their_nodes_warm_processes(cluster, storage, se
     on_b = cluster.node_ids["node_b"]
     (runner,) = [p for p in processes("ray::JobRunner") if raylet_node_of(p) == on_b]
     assert parent_of(worker) != runner  # the pool's child, not the actor's...
+    assert " ".join(cmdline(parent_of(worker))).startswith("ray::NodePool")
     # ...which refills on node_b in the background
     wait_for(lambda: pool_children(cluster).get("node_b", set()) - {worker}, 120, "the refill")
 
@@ -120,12 +136,8 @@ def test_a_failed_node_pool_costs_a_fresh_process_then_is_replaced(
     os.kill(pool_actor, signal.SIGKILL)  # e.g. the OOM killer: its idle child goes with it
     wait_dead(child, timeout=20)
 
-    cfg = job_config(storage, output_dir="tiny/adapters/fresh", num_cpus=2)
-    job = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
-    body = srv.wait_status(job, {"completed", "failed"}, timeout=180)
-    assert body["status"]["status"] == "completed", body["status"].get("error")
-    events = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10000})
-    (placed,) = [e for e in events.json()["data"] if e["type"] == "placement"]
+    job = completed_job(srv, storage, "tiny/adapters/fresh")
+    placed = placement(srv, job)
     assert placed["data"]["node_id"] == on_b and not placed["data"]["pooled"], placed
     assert placed["data"]["pool_failed"] and "a fresh process" in placed["message"]
     log = (storage / "_jobs" / job / "worker.log").read_text()
@@ -134,10 +146,5 @@ def test_a_failed_node_pool_costs_a_fresh_process_then_is_replaced(
     # The head starts another pool on node_b, and the next job there is warm again.
     new = wait_for(lambda: pool_children(cluster).get("node_b"), 120, "a new pool on node_b")
     assert parent_of(next(iter(new))) != pool_actor
-    cfg = job_config(storage, output_dir="tiny/adapters/warm-again", num_cpus=2)
-    job = srv.client.post("/v1/fine-tuning/jobs", json=cfg).json()["job_id"]
-    body = srv.wait_status(job, {"completed", "failed"}, timeout=180)
-    assert body["status"]["status"] == "completed", body["status"].get("error")
-    events = srv.client.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10000})
-    (placed,) = [e for e in events.json()["data"] if e["type"] == "placement"]
+    placed = placement(srv, completed_job(srv, storage, "tiny/adapters/warm-again"))
     assert placed["data"]["pooled"] and placed["data"]["pid"] in new

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from job_helpers import add
 
 from sllm.jobs.logs import read_range, read_tail
 from sllm.jobs.resources import wait_reason
@@ -64,16 +65,7 @@ def test_pending_reason_counts_the_queue_ahead_and_names_a_starving_job(tmp_path
     sup = Supervisor(store, launcher=None, pool=pool, starvation_s=3600)
 
     def job(cpus: int, priority: int = 0):
-        return store.create(
-            model="m",
-            ft_backend="peft_lora",
-            num_cpus=cpus,
-            num_gpus=0,
-            timeout=60,
-            priority=priority,
-            config={},
-            backend_config={},
-        )
+        return store.get(add(store, priority=priority, cpus=cpus, timeout=60))
 
     try:
         pool.try_acquire("someone", 3, 0)

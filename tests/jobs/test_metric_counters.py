@@ -8,22 +8,10 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from job_helpers import add
 
 from sllm.jobs.db import _SCHEMA, JobStore
 from sllm.jobs.states import JobStatus
-
-
-def new_job(store: JobStore) -> str:
-    return store.create(
-        model="m",
-        ft_backend="peft_lora",
-        num_cpus=1,
-        num_gpus=0,
-        timeout=60,
-        priority=0,
-        config={},
-        backend_config={},
-    ).id
 
 
 def start(store: JobStore, job_id: str) -> None:
@@ -42,7 +30,7 @@ def tokens(store: JobStore) -> int:
 def test_trained_tokens_only_grow_when_a_job_restarts(tmp_path):
     store = JobStore(tmp_path / "sllm.db")
     try:
-        job_id = new_job(store)
+        job_id = add(store, timeout=60)
         start(store, job_id)
         seen = []
         store.set_progress(job_id, {"step": 5, "trained_tokens": 100})
@@ -62,7 +50,7 @@ def test_trained_tokens_only_grow_when_a_job_restarts(tmp_path):
 def test_a_resumed_job_counts_only_what_it_trains_past_its_checkpoint(tmp_path):
     store = JobStore(tmp_path / "sllm.db")
     try:
-        job_id = new_job(store)
+        job_id = add(store, timeout=60)
         start(store, job_id)
         store.set_progress(job_id, {"trained_tokens": 100})
         requeue(store, job_id)
@@ -80,7 +68,7 @@ def test_a_resumed_job_counts_only_what_it_trains_past_its_checkpoint(tmp_path):
 
 def test_totals_survive_reopening_the_database(tmp_path):
     store = JobStore(tmp_path / "sllm.db")
-    job_id = new_job(store)
+    job_id = add(store, timeout=60)
     start(store, job_id)
     store.set_progress(job_id, {"trained_tokens": 100})
     requeue(store, job_id)
@@ -100,7 +88,7 @@ def test_totals_survive_reopening_the_database(tmp_path):
 def test_each_start_observes_its_own_wait_and_no_bucket_shrinks(tmp_path):
     store = JobStore(tmp_path / "sllm.db")
     try:
-        job_id = new_job(store)
+        job_id = add(store, timeout=60)
         past = (datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(seconds=3)).isoformat()
         store._conn.execute("UPDATE jobs SET created_time = ? WHERE id = ?", (past, job_id))
         start(store, job_id)
