@@ -24,14 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.common import RESULTS, machine, markdown_table, median, write_results
-from bench.server import ROOT, BenchServer
+from bench.server import ROOT, BenchServer, follow_job
 from bench.workload import MODEL_NAME, SIZES, dataset_config, prepare
 
 WORK = SIZES["coldstart"]
@@ -122,40 +119,14 @@ def job_request(prep: dict) -> dict[str, Any]:
 
 def fresh_job(server: BenchServer, prep: dict) -> dict[str, Any]:
     """Submit one job; client-clock seconds to running, first trained step and completed."""
-    client: httpx.Client = server.client
-    t0 = time.perf_counter()
-    r = client.post("/v1/fine_tuning/jobs", json=job_request(prep))
-    r.raise_for_status()
-    url = f"/v1/fine_tuning/jobs/{r.json()['job_id']}"
-    t_running = t_step = None
-    while True:
-        body = client.get(url).json()["status"]
-        now = time.perf_counter() - t0
-        if t_running is None and body["status"] != "pending":
-            t_running = now
-        if t_step is None and (body.get("progress") or {}).get("step"):
-            t_step = now
-        if body["status"] in ("completed", "failed", "cancelled"):
-            break
-        time.sleep(0.01 if t_step is None else 0.1)
-    done = time.perf_counter() - t0
-    if body["status"] != "completed":
-        raise RuntimeError(f"job ended {body['status']}: {body.get('error')}")
-    events = client.get(f"{url}/events", params={"limit": 10000}).json()["data"]
-    started = next((e for e in events if "Worker started" in e["message"]), None)
+    job = follow_job(server.client, job_request(prep))
+    started = next((e for e in job.events if "Worker started" in e["message"]), None)
     data = (started or {}).get("data") or {}
-    created = datetime.fromisoformat(body["created_time"]).timestamp()
-    first_loss = next(
-        (e["created_time"] for e in events if e["type"] == "loss" and e.get("created_time")),
-        None,
-    )
     return {
-        "submit_to_running_s": t_running,
-        "submit_to_first_step_s": t_step,
-        "submit_to_first_step_server_s": (
-            datetime.fromisoformat(first_loss).timestamp() - created if first_loss else None
-        ),
-        "submit_to_completed_s": done,
+        "submit_to_running_s": job.t_running - job.t0,
+        "submit_to_first_step_s": job.t_step - job.t0 if job.t_step else None,
+        "submit_to_first_step_server_s": job.first_step_server_s(),
+        "submit_to_completed_s": job.t_done - job.t0,
         "worker_process_s": data.get("process_s"),
         "worker_pooled": data.get("pooled"),
     }

@@ -19,14 +19,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.common import RESULTS, bar_plot, machine, markdown_table, median, write_results
-from bench.server import ROOT, BenchServer
+from bench.server import ROOT, BenchServer, follow_job, iso_seconds
 from bench.workload import MODEL_NAME, SIZES, Workload, dataset_config, prepare
 
 CPUS = 1
@@ -84,45 +83,21 @@ def _child(prep_file: Path, request_file: Path) -> None:
     print("RESULT " + json.dumps({"import_s": t_run - t_import, "run_s": done - t_run}))
 
 
-def _ts(value: str | None) -> float | None:
-    return datetime.fromisoformat(value).timestamp() if value else None
-
-
 def through_server(prep: dict, request: dict) -> dict[str, float | None]:
     with BenchServer(Path(prep["storage"]), "--num-cpus", str(CPUS)) as server:
         time.sleep(8)  # the server imports transformers/peft in the background: let it finish
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            t0 = time.perf_counter()
-            r = client.post("/v1/fine_tuning/jobs", json=request)
-            r.raise_for_status()
-            t_ack = time.perf_counter()
-            job_id = r.json()["job_id"]
-            url = f"/v1/fine_tuning/jobs/{job_id}"
-            t_running = t_step = None
-            while True:
-                body = client.get(url).json()["status"]
-                now = time.perf_counter()
-                if t_running is None and body["status"] != "pending":
-                    t_running = now
-                if t_step is None and (body.get("progress") or {}).get("step"):
-                    t_step = now
-                if body["status"] in ("completed", "failed", "cancelled"):
-                    break
-                time.sleep(0.01 if t_step is None else 0.2)
-            t_done = time.perf_counter()
-            if body["status"] != "completed":
-                raise RuntimeError(f"job ended {body['status']}: {body.get('error')}")
-            events = client.get(f"{url}/events", params={"limit": 10000}).json()["data"]
-    created, started = _ts(body["created_time"]), _ts(body["started_time"])
-    first_loss = next((_ts(e["created_time"]) for e in events if e["type"] == "loss"), None)
+            job = follow_job(client, request, poll_after_step_s=0.2)
+    body, t0 = job.body, job.t0
+    created, started = iso_seconds(body["created_time"]), iso_seconds(body["started_time"])
     return {
-        "submit_http_s": t_ack - t0,
-        "submit_to_running_client_s": t_running - t0,
+        "submit_http_s": job.t_ack - t0,
+        "submit_to_running_client_s": job.t_running - t0,
         "submit_to_running_server_s": started - created,
-        "submit_to_first_step_client_s": t_step - t0 if t_step else None,
-        "submit_to_first_step_server_s": first_loss - created if first_loss else None,
-        "submit_to_completed_client_s": t_done - t0,
-        "created_to_finished_server_s": _ts(body["finished_time"]) - created,
+        "submit_to_first_step_client_s": job.t_step - t0 if job.t_step else None,
+        "submit_to_first_step_server_s": job.first_step_server_s(),
+        "submit_to_completed_client_s": job.t_done - t0,
+        "created_to_finished_server_s": iso_seconds(body["finished_time"]) - created,
     }
 
 
