@@ -52,7 +52,7 @@ def _bucket_name(i: int) -> str:
     return (
         f"queue_wait_le:{QUEUE_WAIT_BOUNDS[i]!r}"
         if i < len(QUEUE_WAIT_BOUNDS)
-        else ("queue_wait_le:+Inf")
+        else "queue_wait_le:+Inf"
     )
 
 
@@ -112,9 +112,12 @@ def initialise(conn: sqlite3.Connection) -> None:
     before counters) starts from the sums over its current jobs, so an upgraded server does not
     report its history as a reset to 0. Safe against another process doing the same."""
     conn.executescript(COUNTERS_SCHEMA)
+    filled = "SELECT 1 FROM counters WHERE name = ?"
+    if conn.execute(filled, (TRAINED_TOKENS,)).fetchone():
+        return  # the usual open (every worker and CLI call opens the store): no write lock
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if not conn.execute("SELECT 1 FROM counters WHERE name = ?", (TRAINED_TOKENS,)).fetchone():
+        if not conn.execute(filled, (TRAINED_TOKENS,)).fetchone():
             tokens = conn.execute(
                 "SELECT COALESCE(SUM(json_extract(progress_json, '$.trained_tokens')), 0) "
                 "FROM jobs WHERE progress_json IS NOT NULL"
